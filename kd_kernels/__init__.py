@@ -1,0 +1,12 @@
+"""kd_kernels: fused GPU/CPU kernels for knowledge-distillation and contrastive losses.
+
+    import kd_kernels as kdk
+    loss = kdk.kd_loss(student_logits, teacher_logits, temperature=2.0)
+"""
+
+from kd_kernels import nn
+from kd_kernels._backend import available_backends
+from kd_kernels.functional import kd_loss
+
+__all__ = ["available_backends", "kd_loss", "nn"]
+__version__ = "0.1.0"

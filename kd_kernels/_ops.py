@@ -1,0 +1,89 @@
+"""Fake (meta) implementations and autograd formulas of the kd_kernels ops.
+
+The C++ ops take their schema from csrc/ops.cpp; the Triton ops are Python custom ops with
+the same signatures. Both get their fake implementation and their autograd formula here, from
+one function per loss, so ``torch.compile(fullgraph=True)`` traces through every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kd_kernels._backend import HAS_EXTENSION
+
+
+def _kd_loss_forward_fake(
+    student: torch.Tensor, teacher: torch.Tensor, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    need_grad = args[-1]
+    row_loss = student.new_empty(student.shape[0], dtype=_row_loss_dtype(student))
+    grad = torch.empty_like(student) if need_grad else student.new_empty(0)
+    return row_loss, grad
+
+
+def _kd_loss_forward_out_fake(student: torch.Tensor, teacher: torch.Tensor, *args: Any):
+    return student.new_empty(student.shape[0], dtype=_row_loss_dtype(student))
+
+
+def _row_loss_dtype(student: torch.Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def _kd_loss_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+    ctx.computed_grad = inputs[-1]
+
+
+def _kd_loss_backward(ctx: Any, grad_row_loss: torch.Tensor, _: Any) -> tuple:
+    if not ctx.computed_grad:
+        raise RuntimeError(
+            "kd_loss: the gradient was not computed in forward (need_grad=False); "
+            "call kd_loss with grad enabled and a student that requires grad"
+        )
+    (grad,) = ctx.saved_tensors
+    # The forward already holds d row_loss / d student; backward only scales each row.
+    grad_student = grad * grad_row_loss.unsqueeze(-1).to(grad.dtype)
+    return (grad_student,) + (None,) * 11
+
+
+def register_kd_loss_ops(forward_op: str, forward_out_op: str) -> None:
+    """Registers fake implementations and autograd for one backend's pair of KD ops."""
+    torch.library.register_fake(forward_op)(_kd_loss_forward_fake)
+    torch.library.register_fake(forward_out_op)(_kd_loss_forward_out_fake)
+    torch.library.register_autograd(
+        forward_op, _kd_loss_backward, setup_context=_kd_loss_setup_context
+    )
+
+
+class KDLossGradInStudent(torch.autograd.Function):
+    """kd_loss with ``inplace_grad=True``: the gradient is written over the student logits.
+
+    Forward runs the ``*_out`` op with the student's own storage as the gradient buffer, so
+    no (N, C) buffer is allocated; backward scales that storage in place and returns it. The
+    op bumps the student's version counter, so autograd raises a clear error if anything
+    else saved the logits for its own backward. Backward can run once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, forward_out: Callable, *op_args: Any):
+        row_loss = forward_out(student, *op_args, student)
+        ctx.grad_storage = student
+        return row_loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_row_loss: torch.Tensor):
+        grad = ctx.grad_storage
+        if grad is None:
+            raise RuntimeError("kd_loss(inplace_grad=True): backward can run only once")
+        ctx.grad_storage = None
+        grad.mul_(grad_row_loss.unsqueeze(-1))
+        return (grad, None) + (None,) * 10
+
+
+if HAS_EXTENSION:
+    register_kd_loss_ops("kd_kernels::kd_loss_forward", "kd_kernels::kd_loss_forward_out")

@@ -1,0 +1,145 @@
+"""Plain PyTorch versions of every loss: the specification the kernels are tested against.
+
+These functions are written for clarity, not speed: they materialise every intermediate,
+work in float32 (float64 stays float64, for gradcheck) and are differentiable with autograd.
+They also serve as the ``backend="torch"`` implementation. Argument checking lives in
+``kd_kernels.functional``; the functions here assume already-validated inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KD_KINDS = ("kl", "soft_ce", "reverse_kl", "jsd")
+KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise p * (log p - log q) with the convention 0 * log 0 = 0."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+
+
+def kd_row_losses(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float,
+    kind: str,
+    beta: float,
+    scale_t2: bool,
+) -> torch.Tensor:
+    """Soft distillation loss of each row.
+
+    Args:
+        student: (R, C) logits.
+        teacher: (K, R, C) logits of K teachers (K = 1 for a single teacher).
+    Returns:
+        (R,) losses in float32 (float64 for float64 input), with, for
+        p_S = softmax(student / t) and p_T = mean_k softmax(teacher_k / t):
+
+        - ``kl``: sum_c p_T (log p_T - log p_S)
+        - ``soft_ce``: sum_c -p_T log p_S
+        - ``reverse_kl``: sum_c p_S (log p_S - log p_T)
+        - ``jsd``: beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S
+
+        each multiplied by t^2 when ``scale_t2``. Terms with a zero probability factor are 0.
+    """
+    dtype = _compute_dtype(student)
+    log_p_s = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    teacher_log_probs = torch.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    if teacher_log_probs.shape[0] == 1:
+        log_p_t = teacher_log_probs[0]
+    else:
+        # MT-DNN-KD averages the teachers' probabilities, not their logits.
+        num_teachers = teacher_log_probs.shape[0]
+        log_p_t = torch.logsumexp(teacher_log_probs, dim=0) - torch.log(
+            torch.tensor(float(num_teachers), dtype=dtype)
+        )
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    if kind == "kl":
+        per_class = _plogp_ratio(p_t, log_p_t, log_p_s)
+    elif kind == "soft_ce":
+        per_class = torch.where(p_t > 0, -p_t * log_p_s, torch.zeros_like(p_t))
+    elif kind == "reverse_kl":
+        per_class = _plogp_ratio(p_s, log_p_s, log_p_t)
+    elif kind == "jsd":
+        mixture = beta * p_t + (1.0 - beta) * p_s
+        log_m = torch.log(mixture)
+        per_class = beta * _plogp_ratio(p_t, log_p_t, log_m) + (1.0 - beta) * _plogp_ratio(
+            p_s, log_p_s, log_m
+        )
+    else:
+        raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+    rows = per_class.sum(dim=-1)
+    return rows * (temperature * temperature) if scale_t2 else rows
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "kl",
+    reduction: str = "batchmean",
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    beta: float = 0.5,
+    scale_t2: bool = True,
+) -> torch.Tensor:
+    """Temperature-softmax distillation loss; see ``kd_kernels.kd_loss`` for the semantics.
+
+    Shapes: student (..., C); teacher (..., C) or (K, ..., C); mask and labels (...).
+    Returns a float32 scalar (float64 for float64 input), or shape (...) for "none".
+    """
+    row_shape = student_logits.shape[:-1]
+    num_classes = student_logits.shape[-1]
+    student = student_logits.reshape(-1, num_classes)
+    if teacher_logits.dim() == student_logits.dim():
+        teacher = teacher_logits.reshape(1, -1, num_classes)
+    else:
+        teacher = teacher_logits.reshape(teacher_logits.shape[0], -1, num_classes)
+    counted = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+    if mask is not None:
+        counted = counted & mask.reshape(-1).to(torch.bool)
+    if labels is not None:
+        flat_labels = labels.reshape(-1)
+        counted = counted & (flat_labels != ignore_index)
+
+    # Only counted rows enter the computation, so that nothing in an uncounted row (NaN
+    # included) can reach the loss or the gradient.
+    index = counted.nonzero().squeeze(-1)
+    dtype = _compute_dtype(student)
+    rows = soft_weight * kd_row_losses(
+        student[index],
+        teacher[:, index],
+        temperature=temperature,
+        kind=kind,
+        beta=beta,
+        scale_t2=scale_t2,
+    )
+    if hard_weight != 0.0:
+        hard = torch.nn.functional.cross_entropy(
+            student[index].to(dtype), flat_labels[index], reduction="none"
+        )
+        rows = rows + hard_weight * hard
+    row_losses = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
+    row_losses = row_losses.index_put((index,), rows)
+
+    if reduction == "none":
+        return row_losses.reshape(row_shape)
+    total = row_losses.sum()
+    if reduction == "sum":
+        return total
+    num_counted = index.numel()
+    if reduction == "batchmean":
+        return total / max(num_counted, 1)
+    if reduction == "mean":
+        return total / max(num_counted * num_classes, 1)
+    raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")

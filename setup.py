@@ -1,0 +1,61 @@
+"""Builds kd_kernels._C: C++ CPU kernels always, CUDA kernels when nvcc and a CUDA torch exist.
+
+Install with ``pip install --no-build-isolation -e .`` (an isolated build env would pull a
+CUDA build of torch). Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS,
+KD_KERNELS_NO_NATIVE=1 to build the CPU kernels without AVX2/FMA/F16C.
+"""
+
+import glob
+import os
+import platform
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_vector_flags() -> list:
+    """AVX2+FMA+F16C build of ATen's Vectorized (Sleef exp/log) when the build machine has them."""
+    if os.environ.get("KD_KERNELS_NO_NATIVE") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return []
+    if all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c")):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
+def extension():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-g0", "-std=c++17"] + cpu_vector_flags()
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if torch.version.cuda and cpp_extension.CUDA_HOME and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "kd_kernels._C",
+            sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    print("kd_kernels: building CPU kernels only (no CUDA build of torch or no CUDA_HOME)")
+    return cpp_extension.CppExtension(
+        "kd_kernels._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+
+setup(
+    packages=["kd_kernels", "kd_kernels.triton", "kd_trainers"],
+    package_dir={"kd_kernels": "kd_kernels", "kd_trainers": "python/kd_trainers"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
