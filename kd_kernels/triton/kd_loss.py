@@ -1,0 +1,294 @@
+"""Triton kernel of the fused KD loss: one read of each input, one write of the gradient.
+
+A program owns BLOCK_N rows and walks their columns in BLOCK_C chunks (online max / sum-exp,
+so a 262k-class row never sits whole in registers). Short rows (GLUE heads, C = 2-3) get
+many rows per program; long rows (LLM vocabularies) get one row and wide chunks.
+
+Passes over a row: (A) softmax statistics of student and teachers, the bad-value flag and the
+t = 1 statistics for the hard CE; (B) reverse KL / JSD only: the row sum their gradient
+needs; (C) the loss (KL / soft CE) and the gradient write. The semantics are those of
+``kd_kernels.reference.kd_loss``; see csrc/kd_loss.h for the per-row formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kd_kernels._backend import triton_interpreting
+from kd_kernels._ops import register_kd_loss_ops
+
+KIND_IDS = {"kl": 0, "soft_ce": 1, "reverse_kl": 2, "jsd": 3}
+# Largest column chunk; tests lower it to exercise the online (multi-chunk) path.
+MAX_BLOCK_COLUMNS = 4096
+# Elements per program tile: the register budget of 4-8 warps on Hopper at fp32.
+TILE_ELEMENTS = 4096
+
+
+@triton.jit
+def _online_softmax_update(running_max, running_sum, z):
+    """Folds a (BLOCK_N, BLOCK_C) chunk of logits z into per-row (max, sum exp(z - max))."""
+    new_max = tl.maximum(running_max, tl.max(z, axis=1))
+    # A row seen only as -inf so far keeps max -inf; shift by 0 so no -inf - -inf = NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+        tl.exp(z - shift[:, None]), axis=1
+    )
+    return new_max, running_sum
+
+
+@triton.jit
+def _any_bad(x):
+    """Per row: does the chunk hold a NaN or +inf (a row with no distribution)?"""
+    bad = (x != x) | (x == float("inf"))
+    return tl.max(bad.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _p_log_ratio(p, log_p, log_q):
+    """p * (log p - log q) with 0 where p == 0 (0 log 0 = 0)."""
+    return tl.where(p > 0, p * (log_p - log_q), 0.0)
+
+
+@triton.jit
+def _teacher_probs(
+    teacher_ptr, stride_tk, tile_offsets, tile_mask, inv_t, teacher_lse, inv_teachers,
+    teacher_col, NUM_TEACHERS: tl.constexpr,
+):
+    """p_T and log p_T of one chunk: a single teacher, or the mean of K teachers' softmaxes."""
+    if NUM_TEACHERS == 1:
+        z = tl.load(teacher_ptr + tile_offsets, mask=tile_mask, other=float("-inf"))
+        lse = tl.sum(tl.where(teacher_col == 0, teacher_lse, 0.0), axis=1)
+        log_p_t = z.to(tl.float32) * inv_t - lse[:, None]
+        return tl.exp(log_p_t), log_p_t
+    p_t = tl.zeros(tile_offsets.shape, dtype=tl.float32)
+    for k in tl.static_range(NUM_TEACHERS):
+        z = tl.load(teacher_ptr + k * stride_tk + tile_offsets, mask=tile_mask,
+                    other=float("-inf"))
+        lse = tl.sum(tl.where(teacher_col == k, teacher_lse, 0.0), axis=1)
+        p_t += tl.exp(z.to(tl.float32) * inv_t - lse[:, None])
+    p_t = p_t * inv_teachers
+    return p_t, tl.log(p_t)
+
+
+@triton.jit
+def _kd_loss_kernel(
+    student_ptr, teacher_ptr, labels_ptr, mask_ptr, row_loss_ptr, grad_ptr,
+    num_rows, num_classes, stride_s, stride_tk, stride_tn, stride_g,
+    inv_t, inv_teachers, soft_loss_coef, soft_grad_coef, hard_weight, beta, ignore_index,
+    KIND: tl.constexpr, NUM_TEACHERS: tl.constexpr, TEACHER_COLS: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in_range = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    counted = row_in_range
+    label = tl.zeros([BLOCK_N], dtype=tl.int64)
+    if HAS_MASK:
+        counted = counted & (tl.load(mask_ptr + rows64, mask=row_in_range, other=0) != 0)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows64, mask=row_in_range, other=ignore_index)
+        counted = counted & (label != ignore_index)
+    bad = tl.zeros([BLOCK_N], dtype=tl.int1)
+    if HARD:
+        bad = bad | (label < 0) | (label >= num_classes)
+    cols0 = tl.arange(0, BLOCK_C)
+    teacher_col = tl.arange(0, TEACHER_COLS)[None, :]
+    s_rows = student_ptr + rows64[:, None] * stride_s
+    t_rows = teacher_ptr + rows64[:, None] * stride_tn
+    neg_inf = float("-inf")
+
+    # Pass A: softmax statistics. Rows that do not count are never loaded.
+    s_max = tl.full([BLOCK_N], neg_inf, tl.float32)
+    s_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    h_max = tl.full([BLOCK_N], neg_inf, tl.float32)
+    h_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t_max = tl.full([BLOCK_N, TEACHER_COLS], neg_inf, tl.float32)
+    t_sum = tl.zeros([BLOCK_N, TEACHER_COLS], dtype=tl.float32)
+    for start in range(0, num_classes, BLOCK_C):
+        cols = start + cols0
+        tile_mask = counted[:, None] & (cols < num_classes)[None, :]
+        x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
+        bad = bad | _any_bad(x)
+        s_max, s_sum = _online_softmax_update(s_max, s_sum, x * inv_t)
+        if HARD:
+            h_max, h_sum = _online_softmax_update(h_max, h_sum, x)
+        for k in tl.static_range(NUM_TEACHERS):
+            y = tl.load(t_rows + k * stride_tk + cols[None, :], mask=tile_mask,
+                        other=neg_inf).to(tl.float32)
+            bad = bad | _any_bad(y)
+            k_max = tl.max(tl.where(teacher_col == k, t_max, neg_inf), axis=1)
+            k_sum = tl.sum(tl.where(teacher_col == k, t_sum, 0.0), axis=1)
+            k_max, k_sum = _online_softmax_update(k_max, k_sum, y * inv_t)
+            t_max = tl.where(teacher_col == k, k_max[:, None], t_max)
+            t_sum = tl.where(teacher_col == k, k_sum[:, None], t_sum)
+    # All -inf (no finite maximum) is no distribution either.
+    bad = bad | (s_max == neg_inf)
+    bad = bad | (tl.max(((t_max == neg_inf) & (teacher_col < NUM_TEACHERS)).to(tl.int32),
+                        axis=1) > 0)
+    s_lse = s_max + tl.log(s_sum)
+    t_lse = t_max + tl.log(t_sum)
+    h_lse = h_max + tl.log(h_sum)
+    s_label = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HARD:
+        label_ok = counted & (label >= 0) & (label < num_classes)
+        s_label = tl.load(student_ptr + rows64 * stride_s + label, mask=label_ok,
+                          other=0.0).to(tl.float32)
+
+    # Pass B (reverse KL, JSD): the row sum R = sum p_S h their gradient subtracts.
+    soft = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if KIND >= 2:
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + cols0
+            tile_mask = counted[:, None] & (cols < num_classes)[None, :]
+            x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
+            log_p_s = x * inv_t - s_lse[:, None]
+            p_s = tl.exp(log_p_s)
+            p_t, log_p_t = _teacher_probs(t_rows, stride_tk, cols[None, :], tile_mask, inv_t,
+                                          t_lse, inv_teachers, teacher_col, NUM_TEACHERS)
+            if KIND == 2:
+                soft += tl.sum(_p_log_ratio(p_s, log_p_s, log_p_t), axis=1)
+            else:
+                log_m = tl.log(beta * p_t + (1.0 - beta) * p_s)
+                student_side = (1.0 - beta) * _p_log_ratio(p_s, log_p_s, log_m)
+                soft += tl.sum(beta * _p_log_ratio(p_t, log_p_t, log_m) + student_side, axis=1)
+                row_sum += tl.sum(student_side, axis=1)
+        if KIND == 2:
+            row_sum = soft
+
+    # Pass C: the KL / soft-CE loss and the gradient, written last (grad may alias student).
+    if (KIND < 2) or WRITE_GRAD:
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + cols0
+            in_cols = (cols < num_classes)[None, :]
+            tile_mask = counted[:, None] & in_cols
+            x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
+            log_p_s = x * inv_t - s_lse[:, None]
+            p_s = tl.exp(log_p_s)
+            p_t, log_p_t = _teacher_probs(t_rows, stride_tk, cols[None, :], tile_mask, inv_t,
+                                          t_lse, inv_teachers, teacher_col, NUM_TEACHERS)
+            if KIND == 0:
+                soft += tl.sum(_p_log_ratio(p_t, log_p_t, log_p_s), axis=1)
+            if KIND == 1:
+                soft += tl.sum(tl.where(p_t > 0, -p_t * log_p_s, 0.0), axis=1)
+            if WRITE_GRAD:
+                if KIND < 2:
+                    g = p_s - p_t
+                else:
+                    h = log_p_s - log_p_t
+                    if KIND == 3:
+                        h = (1.0 - beta) * (log_p_s - tl.log(beta * p_t + (1.0 - beta) * p_s))
+                    g = tl.where(p_s > 0, p_s * (h - row_sum[:, None]), 0.0)
+                g = g * soft_grad_coef
+                if HARD:
+                    g += hard_weight * tl.exp(x - h_lse[:, None])
+                    g -= tl.where(cols[None, :] == label[:, None], hard_weight, 0.0)
+                g = tl.where(bad[:, None], float("nan"), g)
+                g = tl.where(counted[:, None], g, 0.0)
+                tl.store(grad_ptr + rows64[:, None] * stride_g + cols[None, :],
+                         g.to(grad_ptr.dtype.element_ty), mask=row_in_range[:, None] & in_cols)
+
+    loss = soft_loss_coef * soft
+    if HARD:
+        loss += hard_weight * (h_lse - s_label)
+    loss = tl.where(bad, float("nan"), loss)
+    loss = tl.where(counted, loss, 0.0)
+    tl.store(row_loss_ptr + rows64, loss, mask=row_in_range)
+
+
+def _launch_config(num_rows: int, num_classes: int, num_teachers: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps): ~TILE_ELEMENTS per program, many rows when rows are short."""
+    tile = TILE_ELEMENTS * (4 if triton_interpreting() else 1)  # fewer programs to interpret
+    tile = max(tile // num_teachers, 256)
+    block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_COLUMNS, tile)
+    block_n = max(1, min(triton.next_power_of_2(num_rows), tile // block_c))
+    num_warps = 8 if block_n * block_c >= 4096 else 4
+    return block_n, block_c, num_warps
+
+
+def _launch_kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    soft_weight: float,
+    hard_weight: float,
+    beta: float,
+    scale_t2: bool,
+    ignore_index: int,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    num_rows, num_classes = student.shape
+    num_teachers = teacher.shape[0]
+    if temperature <= 0:
+        raise ValueError(f"kd_loss: temperature must be > 0, got {temperature}")
+    if student.dtype == torch.float64:
+        raise TypeError("kd_loss triton backend: float64 runs on the cpu and torch backends")
+    row_loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    if num_rows == 0:
+        return row_loss
+    block_n, block_c, num_warps = _launch_config(num_rows, num_classes, num_teachers)
+    t2 = temperature * temperature if scale_t2 else 1.0
+    mask_bytes = mask.view(torch.uint8) if mask is not None else None
+    _kd_loss_kernel[(triton.cdiv(num_rows, block_n),)](
+        student, teacher, labels, mask_bytes, row_loss, grad,
+        num_rows, num_classes, student.stride(0), teacher.stride(0), teacher.stride(1),
+        grad.stride(0) if grad is not None else 0,
+        1.0 / temperature, 1.0 / num_teachers, soft_weight * t2, soft_weight * t2 / temperature,
+        hard_weight, beta, ignore_index,
+        KIND=KIND_IDS[kind], NUM_TEACHERS=num_teachers,
+        TEACHER_COLS=triton.next_power_of_2(num_teachers),
+        HAS_LABELS=labels is not None, HAS_MASK=mask is not None, HARD=hard_weight != 0.0,
+        WRITE_GRAD=grad is not None, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
+    )  # fmt: skip
+    return row_loss
+
+
+@torch.library.custom_op("kd_kernels::kd_loss_forward_triton", mutates_args=())
+def kd_loss_forward_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    soft_weight: float,
+    hard_weight: float,
+    beta: float,
+    scale_t2: bool,
+    ignore_index: int,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``kd_kernels::kd_loss_forward`` (schema in csrc/ops.cpp)."""
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else None
+    row_loss = _launch_kd_loss(student, teacher, labels, mask, temperature, kind, soft_weight,
+                               hard_weight, beta, scale_t2, ignore_index, grad)  # fmt: skip
+    return row_loss, grad if grad is not None else student.new_empty(0)
+
+
+@torch.library.custom_op("kd_kernels::kd_loss_forward_out_triton", mutates_args=("grad",))
+def kd_loss_forward_out_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    soft_weight: float,
+    hard_weight: float,
+    beta: float,
+    scale_t2: bool,
+    ignore_index: int,
+    grad: torch.Tensor,
+) -> torch.Tensor:
+    """Triton twin of ``kd_kernels::kd_loss_forward_out``: grad may share student's storage."""
+    return _launch_kd_loss(student, teacher, labels, mask, temperature, kind, soft_weight,
+                           hard_weight, beta, scale_t2, ignore_index, grad)  # fmt: skip
+
+
+register_kd_loss_ops("kd_kernels::kd_loss_forward_triton", "kd_kernels::kd_loss_forward_out_triton")
