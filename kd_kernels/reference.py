@@ -19,8 +19,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Elementwise p * (log p - log q) with the convention 0 * log 0 = 0."""
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    """Elementwise p * (log p - log q) with the convention 0 * log 0 = 0.
+
+    ``p != 0`` (not ``p > 0``) lets NaN through. The logs are replaced by 0 where p == 0
+    before the product, so that the unselected branch has no -inf whose backward would
+    turn the zero gradient into NaN (0 * inf).
+    """
+    nonzero = p != 0
+    safe_log_p = torch.where(nonzero, log_p, torch.zeros_like(log_p))
+    safe_log_q = torch.where(nonzero, log_q, torch.zeros_like(log_q))
+    return torch.where(nonzero, p * (safe_log_p - safe_log_q), torch.zeros_like(p))
 
 
 def kd_row_losses(
@@ -63,12 +71,13 @@ def kd_row_losses(
     if kind == "kl":
         per_class = _plogp_ratio(p_t, log_p_t, log_p_s)
     elif kind == "soft_ce":
-        per_class = torch.where(p_t > 0, -p_t * log_p_s, torch.zeros_like(p_t))
+        per_class = torch.where(p_t != 0, -p_t * log_p_s, torch.zeros_like(p_t))
     elif kind == "reverse_kl":
         per_class = _plogp_ratio(p_s, log_p_s, log_p_t)
     elif kind == "jsd":
         mixture = beta * p_t + (1.0 - beta) * p_s
-        log_m = torch.log(mixture)
+        # m == 0 only where both p are 0, and there every term is 0: log(1) keeps it finite.
+        log_m = torch.log(torch.where(mixture != 0, mixture, torch.ones_like(mixture)))
         per_class = beta * _plogp_ratio(p_t, log_p_t, log_m) + (1.0 - beta) * _plogp_ratio(
             p_s, log_p_s, log_m
         )

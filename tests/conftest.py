@@ -1,0 +1,51 @@
+"""Test configuration shared by every loss.
+
+The Triton interpreter must be switched on before any ``@triton.jit`` runs (module import), so
+it is set here, ahead of the package import, on machines without a GPU.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kd_kernels  # noqa: E402
+
+# Loss tolerances against the fp32 reference computed from the same (rounded) inputs; the
+# gradient is compared in the input dtype, so its tolerance is that dtype's resolution.
+LOSS_TOLERANCE = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-3, atol=2e-3),
+}
+GRAD_TOLERANCE = {
+    torch.float64: dict(rtol=1e-9, atol=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-6),
+    torch.float16: dict(rtol=1e-2, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=1e-3),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cpu_backends() -> list:
+    """Kernel backends that run on CPU tensors here (triton only under the interpreter)."""
+    found = [b for b in ("cpu", "triton") if b in kd_kernels.available_backends()]
+    return found
+
+
+def gpu_backends() -> list:
+    return [b for b in ("cuda", "triton") if b in kd_kernels.available_backends()]
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if torch.cuda.is_available() and backend in ("cuda", "triton") else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
