@@ -9,9 +9,8 @@ import glob
 import os
 import platform
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -19,7 +18,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def cpu_vector_flags() -> list:
     """AVX2+FMA+F16C build of ATen's Vectorized (Sleef exp/log) when the build machine has them."""
-    if os.environ.get("KD_KERNELS_NO_NATIVE") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+    if os.environ.get("KD_KERNELS_NO_NATIVE") == "1" or platform.machine() not in (
+        "x86_64",
+        "AMD64",
+    ):
         return []
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -32,8 +34,8 @@ def cpu_vector_flags() -> list:
 
 
 def extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-g0", "-std=c++17"] + cpu_vector_flags()
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx_flags = ["-O3", "-g0", "-std=c++17", *cpu_vector_flags()]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if torch.version.cuda and cpp_extension.CUDA_HOME and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

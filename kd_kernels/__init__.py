@@ -1,7 +1,7 @@
 """kd_kernels: fused GPU/CPU kernels for knowledge-distillation and contrastive losses.
 
-    import kd_kernels as kdk
-    loss = kdk.kd_loss(student_logits, teacher_logits, temperature=2.0)
+Example: ``kdk.kd_loss(student_logits, teacher_logits, temperature=2.0)`` after
+``import kd_kernels as kdk``.
 """
 
 from kd_kernels import nn

@@ -44,8 +44,9 @@ def check_row_tensor(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if kind == "bool" and value.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {value.dtype}")
-    if kind == "int" and (value.is_floating_point() or value.is_complex() or
-                          value.dtype == torch.bool):
+    if kind == "int" and (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    ):
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
     if value.shape != row_shape:
         raise ValueError(

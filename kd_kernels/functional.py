@@ -161,8 +161,9 @@ def kd_loss(
         row_loss = _ops.KDLossGradInStudent.apply(student, forward_out_op, *op_args)
     else:
         row_loss, _ = forward_op(student, *op_args, need_grad)
-    return _reduce_rows(row_loss, reduction, row_shape, num_classes, flat_mask, flat_labels,
-                        int(ignore_index))
+    return _reduce_rows(
+        row_loss, reduction, row_shape, num_classes, flat_mask, flat_labels, int(ignore_index)
+    )
 
 
 def _kd_ops(backend: str):

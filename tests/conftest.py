@@ -11,9 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import kd_kernels  # noqa: E402
+import kd_kernels
 
 # Loss tolerances against the fp32 reference computed from the same (rounded) inputs; the
 # gradient is compared in the input dtype, so its tolerance is that dtype's resolution.

@@ -1,4 +1,4 @@
-"""kd_loss: every backend against reference.py, forward and backward, over shape x dtype x option."""
+"""kd_loss: every backend against reference.py, fwd and bwd, over shape x dtype x option."""
 
 import pytest
 import torch
@@ -95,13 +95,19 @@ def _option_cases():
         ("plain", lambda r, c: base(r, c)),
         ("mask", lambda r, c: base(r, c, mask=masked(r, c))),
         ("labels_ignore", lambda r, c: base(r, c, labels=labelled(r, c))),
-        ("hard_mix", lambda r, c: base(r, c, labels=labelled(r, c), hard_weight=0.4,
-                                       soft_weight=0.6)),  # fmt: skip
-        ("mask_and_hard", lambda r, c: base(r, c, mask=masked(r, c), labels=labelled(r, c),
-                                            hard_weight=1.0)),  # fmt: skip
+        (
+            "hard_mix",
+            lambda r, c: base(r, c, labels=labelled(r, c), hard_weight=0.4, soft_weight=0.6),
+        ),
+        (
+            "mask_and_hard",
+            lambda r, c: base(r, c, mask=masked(r, c), labels=labelled(r, c), hard_weight=1.0),
+        ),
         ("ensemble", ensemble),
-        ("ensemble_hard", lambda r, c: (*ensemble(r, c)[:2],
-                                        dict(labels=labelled(r, c), hard_weight=0.5))),  # fmt: skip
+        (
+            "ensemble_hard",
+            lambda r, c: (*ensemble(r, c)[:2], dict(labels=labelled(r, c), hard_weight=0.5)),
+        ),
         ("neg_inf_teacher", neg_inf_teacher),
         ("extreme_logits", extreme),
         ("non_contiguous", non_contiguous),
@@ -130,9 +136,14 @@ def test_matches_reference_for_every_option(backend, reduction, kind, build):
     device = device_for(backend)
     options = {k: v.to(device) if torch.is_tensor(v) else v for k, v in options.items()}
     assert_matches_reference(
-        backend, student.to(device), teacher.to(device), temperature=1.5, kind=kind,
-        reduction=reduction, **options,
-    )  # fmt: skip
+        backend,
+        student.to(device),
+        teacher.to(device),
+        temperature=1.5,
+        kind=kind,
+        reduction=reduction,
+        **options,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,8 +152,9 @@ def test_cpu_gpt2_vocabulary(kind, dtype):
     """7 x 50257 (GPT-2 vocabulary): long rows on the C++ backend."""
     student, teacher = logits(7, 50257, dtype=dtype), logits(7, 50257, dtype=dtype)
     labels = torch.randint(0, 50257, (7,))
-    assert_matches_reference("cpu", student, teacher, temperature=2.0, kind=kind, labels=labels,
-                             hard_weight=0.5)  # fmt: skip
+    assert_matches_reference(
+        "cpu", student, teacher, temperature=2.0, kind=kind, labels=labels, hard_weight=0.5
+    )
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])
@@ -158,8 +170,9 @@ def test_triton_online_softmax_over_many_column_chunks(monkeypatch, backend, kin
     teacher = logits(2, 6, 1000, dtype=dtype, device=device)
     teacher[0, :, 10:500] = float("-inf")  # a chunk of the row is all -inf for one teacher
     labels = torch.tensor([3, -100, 999, 0, 512, 7], device=device)
-    assert_matches_reference(backend, student, teacher, temperature=3.0, kind=kind,
-                             labels=labels, hard_weight=0.3)  # fmt: skip
+    assert_matches_reference(
+        backend, student, teacher, temperature=3.0, kind=kind, labels=labels, hard_weight=0.3
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,9 +182,15 @@ def test_no_counted_row_gives_zero_loss_and_zero_grad(backend, reduction):
     student = logits(4, 6, device=device)
     student[1] = float("nan")  # uncounted rows may hold anything
     labels = torch.full((4,), -100, device=device)
-    loss, grad = loss_and_grad(backend, student, logits(4, 6, device=device), labels=labels,
-                               mask=torch.ones(4, dtype=torch.bool, device=device),
-                               hard_weight=1.0, reduction=reduction)  # fmt: skip
+    loss, grad = loss_and_grad(
+        backend,
+        student,
+        logits(4, 6, device=device),
+        labels=labels,
+        mask=torch.ones(4, dtype=torch.bool, device=device),
+        hard_weight=1.0,
+        reduction=reduction,
+    )
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -230,16 +249,19 @@ def test_inplace_grad_writes_gradient_into_the_logits(backend, reduction):
 
     leaf = base.clone().requires_grad_(True)
     student = leaf * 1  # a non-leaf, like an LM head's output
-    loss = kdk.kd_loss(student, teacher, reduction=reduction, kind="jsd", backend=backend,
-                       inplace_grad=True)  # fmt: skip
+    loss = kdk.kd_loss(
+        student, teacher, reduction=reduction, kind="jsd", backend=backend, inplace_grad=True
+    )
     weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(device)
     (loss * weights).sum().backward(retain_graph=True)
     torch.testing.assert_close(loss, ref_loss, **LOSS_TOLERANCE[torch.bfloat16])
-    torch.testing.assert_close(leaf.grad.float(), ref_grad.float(),
-                               **GRAD_TOLERANCE[torch.bfloat16])  # fmt: skip
+    torch.testing.assert_close(
+        leaf.grad.float(), ref_grad.float(), **GRAD_TOLERANCE[torch.bfloat16]
+    )
     # The gradient lives in the logits' own storage.
-    torch.testing.assert_close(student.detach().float(), ref_grad.float(),
-                               **GRAD_TOLERANCE[torch.bfloat16])  # fmt: skip
+    torch.testing.assert_close(
+        student.detach().float(), ref_grad.float(), **GRAD_TOLERANCE[torch.bfloat16]
+    )
     with pytest.raises(RuntimeError, match="only once"):
         (loss * weights).sum().backward()
 
@@ -283,8 +305,9 @@ def test_module_wrapper_matches_functional():
     student, teacher = logits(4, 6), logits(4, 6)
     labels = torch.tensor([0, 1, -100, 5])
     module = kdk.nn.KDLoss(temperature=3.0, kind="soft_ce", hard_weight=0.5)
-    expected = kdk.kd_loss(student, teacher, temperature=3.0, kind="soft_ce", labels=labels,
-                           hard_weight=0.5)  # fmt: skip
+    expected = kdk.kd_loss(
+        student, teacher, temperature=3.0, kind="soft_ce", labels=labels, hard_weight=0.5
+    )
     torch.testing.assert_close(module(student, teacher, labels=labels), expected)
     assert "soft_ce" in repr(module)
 

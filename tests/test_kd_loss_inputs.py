@@ -17,8 +17,12 @@ BAD_CALLS = [
     ("temperature_zero", lambda s, t: dict(temperature=0.0), ValueError, "temperature"),
     ("temperature_negative", lambda s, t: dict(temperature=-1.0), ValueError, "temperature"),
     ("temperature_nan", lambda s, t: dict(temperature=float("nan")), ValueError, "temperature"),
-    ("temperature_tensor", lambda s, t: dict(temperature=torch.tensor(2.0)), TypeError,
-     "temperature"),
+    (
+        "temperature_tensor",
+        lambda s, t: dict(temperature=torch.tensor(2.0)),
+        TypeError,
+        "temperature",
+    ),
     ("kind", lambda s, t: dict(kind="kld"), ValueError, "kind"),
     ("reduction", lambda s, t: dict(reduction="avg"), ValueError, "reduction"),
     ("beta", lambda s, t: dict(kind="jsd", beta=1.5), ValueError, "beta"),
@@ -27,19 +31,27 @@ BAD_CALLS = [
     ("label_too_large", lambda s, t: dict(labels=torch.tensor([0, 5, 1])), ValueError, "labels"),
     ("label_negative", lambda s, t: dict(labels=torch.tensor([0, -1, 1])), ValueError, "labels"),
     ("labels_float", lambda s, t: dict(labels=torch.zeros(3)), TypeError, "labels"),
-    ("labels_shape", lambda s, t: dict(labels=torch.zeros(4, dtype=torch.long)), ValueError,
-     "labels"),
+    (
+        "labels_shape",
+        lambda s, t: dict(labels=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "labels",
+    ),
     ("mask_int", lambda s, t: dict(mask=torch.ones(3, dtype=torch.int64)), TypeError, "mask"),
-    ("mask_shape", lambda s, t: dict(mask=torch.ones(3, 1, dtype=torch.bool)), ValueError,
-     "mask"),
-    ("mask_device", lambda s, t: dict(mask=torch.ones(3, dtype=torch.bool, device="meta")),
-     ValueError, "mask"),
-]  # fmt: skip
+    ("mask_shape", lambda s, t: dict(mask=torch.ones(3, 1, dtype=torch.bool)), ValueError, "mask"),
+    (
+        "mask_device",
+        lambda s, t: dict(mask=torch.ones(3, dtype=torch.bool, device="meta")),
+        ValueError,
+        "mask",
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("name", "options", "error", "match"), BAD_CALLS,
-                         ids=[c[0] for c in BAD_CALLS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "options", "error", "match"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS]
+)
 def test_bad_option_raises(backend, name, options, error, match):
     student, teacher = good()
     call = dict(backend=backend)
@@ -51,27 +63,42 @@ def test_bad_option_raises(backend, name, options, error, match):
 BAD_TENSORS = [
     ("teacher_shape", lambda: (torch.randn(3, 5), torch.randn(3, 6)), ValueError, r"\(3, 6\)"),
     ("teacher_rows", lambda: (torch.randn(3, 5), torch.randn(4, 5)), ValueError, r"\(4, 5\)"),
-    ("broadcastable_teacher", lambda: (torch.randn(3, 5), torch.randn(1, 5)), ValueError,
-     "teacher_logits"),
-    ("ensemble_shape", lambda: (torch.randn(3, 5), torch.randn(2, 3, 6)), ValueError,
-     "ensemble"),
-    ("integer_student", lambda: (torch.ones(3, 5, dtype=torch.long), torch.randn(3, 5)),
-     TypeError, "student_logits"),
-    ("integer_teacher", lambda: (torch.randn(3, 5), torch.ones(3, 5, dtype=torch.int32)),
-     TypeError, "teacher_logits"),
-    ("dtype_mismatch", lambda: (torch.randn(3, 5), torch.randn(3, 5).half()), TypeError,
-     "dtype"),
-    ("device_mismatch", lambda: (torch.randn(3, 5), torch.randn(3, 5, device="meta")),
-     ValueError, "device"),
+    (
+        "broadcastable_teacher",
+        lambda: (torch.randn(3, 5), torch.randn(1, 5)),
+        ValueError,
+        "teacher_logits",
+    ),
+    ("ensemble_shape", lambda: (torch.randn(3, 5), torch.randn(2, 3, 6)), ValueError, "ensemble"),
+    (
+        "integer_student",
+        lambda: (torch.ones(3, 5, dtype=torch.long), torch.randn(3, 5)),
+        TypeError,
+        "student_logits",
+    ),
+    (
+        "integer_teacher",
+        lambda: (torch.randn(3, 5), torch.ones(3, 5, dtype=torch.int32)),
+        TypeError,
+        "teacher_logits",
+    ),
+    ("dtype_mismatch", lambda: (torch.randn(3, 5), torch.randn(3, 5).half()), TypeError, "dtype"),
+    (
+        "device_mismatch",
+        lambda: (torch.randn(3, 5), torch.randn(3, 5, device="meta")),
+        ValueError,
+        "device",
+    ),
     ("scalar", lambda: (torch.tensor(1.0), torch.tensor(1.0)), ValueError, "class dimension"),
     ("zero_classes", lambda: (torch.randn(3, 0), torch.randn(3, 0)), ValueError, "0 classes"),
     ("not_a_tensor", lambda: ([[1.0, 2.0]], torch.randn(1, 2)), TypeError, "student_logits"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("name", "tensors", "error", "match"), BAD_TENSORS,
-                         ids=[c[0] for c in BAD_TENSORS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "tensors", "error", "match"), BAD_TENSORS, ids=[c[0] for c in BAD_TENSORS]
+)
 def test_bad_tensor_raises(backend, name, tensors, error, match):
     student, teacher = tensors()
     with pytest.raises(error, match=match):

@@ -11,8 +11,11 @@ def op_for(backend: str, out: bool = False):
     if backend == "triton":
         from kd_kernels.triton import kd_loss as triton_kd_loss
 
-        return (triton_kd_loss.kd_loss_forward_out_triton if out
-                else triton_kd_loss.kd_loss_forward_triton)  # fmt: skip
+        return (
+            triton_kd_loss.kd_loss_forward_out_triton
+            if out
+            else triton_kd_loss.kd_loss_forward_triton
+        )
     return torch.ops.kd_kernels.kd_loss_forward_out if out else torch.ops.kd_kernels.kd_loss_forward
 
 
@@ -24,8 +27,9 @@ OP_CASES = [
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize(("kind", "labels", "mask", "hard_weight"), OP_CASES,
-                         ids=[c[0] for c in OP_CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "labels", "mask", "hard_weight"), OP_CASES, ids=[c[0] for c in OP_CASES]
+)
 def test_opcheck(backend, kind, labels, mask, hard_weight):
     device = device_for(backend)
     student = torch.randn(5, 11, device=device, requires_grad=True)
@@ -35,8 +39,9 @@ def test_opcheck(backend, kind, labels, mask, hard_weight):
     options = (2.0, kind, 1.0, hard_weight, 0.5, True, -100)
     torch.library.opcheck(op_for(backend), (student, teacher, labels, mask, *options, True))
     grad = torch.empty_like(student).detach()
-    torch.library.opcheck(op_for(backend, out=True),
-                          (student.detach(), teacher, labels, mask, *options, grad))  # fmt: skip
+    torch.library.opcheck(
+        op_for(backend, out=True), (student.detach(), teacher, labels, mask, *options, grad)
+    )
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -45,8 +50,9 @@ def test_torch_compile_fullgraph_traces_through_kd_loss(backend):
     torch._dynamo.reset()
 
     def step(student, teacher, labels):
-        return kdk.kd_loss(student, teacher, temperature=2.0, labels=labels, hard_weight=0.3,
-                           backend=backend)  # fmt: skip
+        return kdk.kd_loss(
+            student, teacher, temperature=2.0, labels=labels, hard_weight=0.3, backend=backend
+        )
 
     compiled = torch.compile(step, fullgraph=True)
     student = torch.randn(6, 10, device=device, requires_grad=True)

@@ -49,8 +49,13 @@ def test_kl_matches_torch_kl_div(temperature, reduction):
     t = temperature
     with warnings.catch_warnings():  # kl_div warns that its "mean" is not batchmean: known
         warnings.simplefilter("ignore", UserWarning)
-        expected = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1),
-                            reduction=reduction) * t * t  # fmt: skip
+        expected = (
+            F.kl_div(
+                F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction=reduction
+            )
+            * t
+            * t
+        )
     got = reference.kd_loss(student, teacher, temperature=t, reduction=reduction)
     torch.testing.assert_close(got, expected)
 
@@ -70,10 +75,9 @@ def test_reverse_kl_and_jsd_match_kl_div_compositions():
         1 - beta
     ) * F.kl_div(log_m, log_p_s, log_target=True, reduction="batchmean")
     torch.testing.assert_close(
-        reference.kd_loss(student, teacher, temperature=2.0, kind="jsd", beta=beta,
-                          scale_t2=False),
+        reference.kd_loss(student, teacher, temperature=2.0, kind="jsd", beta=beta, scale_t2=False),
         jsd,
-    )  # fmt: skip
+    )
 
 
 def test_soft_ce_and_hard_ce_match_cross_entropy():
@@ -84,8 +88,15 @@ def test_soft_ce_and_hard_ce_match_cross_entropy():
     hard = F.cross_entropy(student, labels, ignore_index=-100, reduction="none")
     counted = labels != -100
     expected = (0.25 * soft + 0.75 * hard)[counted].mean()
-    got = reference.kd_loss(student, teacher, temperature=t, kind="soft_ce", labels=labels,
-                            hard_weight=0.75, soft_weight=0.25)  # fmt: skip
+    got = reference.kd_loss(
+        student,
+        teacher,
+        temperature=t,
+        kind="soft_ce",
+        labels=labels,
+        hard_weight=0.75,
+        soft_weight=0.25,
+    )
     torch.testing.assert_close(got, expected)
 
 
@@ -94,8 +105,9 @@ def test_soft_ce_matches_textbrewer_kd_ce_loss(temperature):
     losses = textbrewer_losses()
     student, teacher = fp64_inputs(rows=5, classes=3)
     expected = losses.kd_ce_loss(student, teacher, temperature=temperature)
-    got = reference.kd_loss(student, teacher, temperature=temperature, kind="soft_ce",
-                            scale_t2=False)  # fmt: skip
+    got = reference.kd_loss(
+        student, teacher, temperature=temperature, kind="soft_ce", scale_t2=False
+    )
     torch.testing.assert_close(got, expected)
 
 
@@ -108,6 +120,9 @@ def test_ensemble_averages_probabilities_not_logits():
 
 def test_three_dimensional_batchmean_counts_every_token_row():
     student, teacher = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(2, 3, 7).double()
-    expected = F.kl_div(F.log_softmax(student.reshape(6, 7), -1),
-                        F.softmax(teacher.reshape(6, 7), -1), reduction="batchmean")  # fmt: skip
+    expected = F.kl_div(
+        F.log_softmax(student.reshape(6, 7), -1),
+        F.softmax(teacher.reshape(6, 7), -1),
+        reduction="batchmean",
+    )
     torch.testing.assert_close(reference.kd_loss(student, teacher), expected)

@@ -53,8 +53,15 @@ def _p_log_ratio(p, log_p, log_q):
 
 @triton.jit
 def _teacher_probs(
-    teacher_ptr, stride_tk, tile_offsets, tile_mask, inv_t, teacher_lse, inv_teachers,
-    teacher_col, NUM_TEACHERS: tl.constexpr,
+    teacher_ptr,
+    stride_tk,
+    tile_offsets,
+    tile_mask,
+    inv_t,
+    teacher_lse,
+    inv_teachers,
+    teacher_col,
+    NUM_TEACHERS: tl.constexpr,
 ):
     """p_T and log p_T of one chunk: a single teacher, or the mean of K teachers' softmaxes."""
     if NUM_TEACHERS == 1:
@@ -64,8 +71,7 @@ def _teacher_probs(
         return tl.exp(log_p_t), log_p_t
     p_t = tl.zeros(tile_offsets.shape, dtype=tl.float32)
     for k in tl.static_range(NUM_TEACHERS):
-        z = tl.load(teacher_ptr + k * stride_tk + tile_offsets, mask=tile_mask,
-                    other=float("-inf"))
+        z = tl.load(teacher_ptr + k * stride_tk + tile_offsets, mask=tile_mask, other=float("-inf"))
         lse = tl.sum(tl.where(teacher_col == k, teacher_lse, 0.0), axis=1)
         p_t += tl.exp(z.to(tl.float32) * inv_t - lse[:, None])
     p_t = p_t * inv_teachers
@@ -74,12 +80,34 @@ def _teacher_probs(
 
 @triton.jit
 def _kd_loss_kernel(
-    student_ptr, teacher_ptr, labels_ptr, mask_ptr, row_loss_ptr, grad_ptr,
-    num_rows, num_classes, stride_s, stride_tk, stride_tn, stride_g,
-    inv_t, inv_teachers, soft_loss_coef, soft_grad_coef, hard_weight, beta, ignore_index,
-    KIND: tl.constexpr, NUM_TEACHERS: tl.constexpr, TEACHER_COLS: tl.constexpr,
-    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    student_ptr,
+    teacher_ptr,
+    labels_ptr,
+    mask_ptr,
+    row_loss_ptr,
+    grad_ptr,
+    num_rows,
+    num_classes,
+    stride_s,
+    stride_tk,
+    stride_tn,
+    stride_g,
+    inv_t,
+    inv_teachers,
+    soft_loss_coef,
+    soft_grad_coef,
+    hard_weight,
+    beta,
+    ignore_index,
+    KIND: tl.constexpr,
+    NUM_TEACHERS: tl.constexpr,
+    TEACHER_COLS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HARD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in_range = rows < num_rows
@@ -116,8 +144,9 @@ def _kd_loss_kernel(
         if HARD:
             h_max, h_sum = _online_softmax_update(h_max, h_sum, x)
         for k in tl.static_range(NUM_TEACHERS):
-            y = tl.load(t_rows + k * stride_tk + cols[None, :], mask=tile_mask,
-                        other=neg_inf).to(tl.float32)
+            y = tl.load(t_rows + k * stride_tk + cols[None, :], mask=tile_mask, other=neg_inf).to(
+                tl.float32
+            )
             bad = bad | _any_bad(y)
             k_max = tl.max(tl.where(teacher_col == k, t_max, neg_inf), axis=1)
             k_sum = tl.sum(tl.where(teacher_col == k, t_sum, 0.0), axis=1)
@@ -126,16 +155,18 @@ def _kd_loss_kernel(
             t_sum = tl.where(teacher_col == k, k_sum[:, None], t_sum)
     # All -inf (no finite maximum) is no distribution either.
     bad = bad | (s_max == neg_inf)
-    bad = bad | (tl.max(((t_max == neg_inf) & (teacher_col < NUM_TEACHERS)).to(tl.int32),
-                        axis=1) > 0)
+    bad = bad | (
+        tl.max(((t_max == neg_inf) & (teacher_col < NUM_TEACHERS)).to(tl.int32), axis=1) > 0
+    )
     s_lse = s_max + tl.log(s_sum)
     t_lse = t_max + tl.log(t_sum)
     h_lse = h_max + tl.log(h_sum)
     s_label = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HARD:
         label_ok = counted & (label >= 0) & (label < num_classes)
-        s_label = tl.load(student_ptr + rows64 * stride_s + label, mask=label_ok,
-                          other=0.0).to(tl.float32)
+        s_label = tl.load(student_ptr + rows64 * stride_s + label, mask=label_ok, other=0.0).to(
+            tl.float32
+        )
 
     # Pass B (reverse KL, JSD): the row sum R = sum p_S h their gradient subtracts.
     soft = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -147,8 +178,17 @@ def _kd_loss_kernel(
             x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
             log_p_s = x * inv_t - s_lse[:, None]
             p_s = tl.exp(log_p_s)
-            p_t, log_p_t = _teacher_probs(t_rows, stride_tk, cols[None, :], tile_mask, inv_t,
-                                          t_lse, inv_teachers, teacher_col, NUM_TEACHERS)
+            p_t, log_p_t = _teacher_probs(
+                t_rows,
+                stride_tk,
+                cols[None, :],
+                tile_mask,
+                inv_t,
+                t_lse,
+                inv_teachers,
+                teacher_col,
+                NUM_TEACHERS,
+            )
             if KIND == 2:
                 soft += tl.sum(_p_log_ratio(p_s, log_p_s, log_p_t), axis=1)
             else:
@@ -168,8 +208,17 @@ def _kd_loss_kernel(
             x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
             log_p_s = x * inv_t - s_lse[:, None]
             p_s = tl.exp(log_p_s)
-            p_t, log_p_t = _teacher_probs(t_rows, stride_tk, cols[None, :], tile_mask, inv_t,
-                                          t_lse, inv_teachers, teacher_col, NUM_TEACHERS)
+            p_t, log_p_t = _teacher_probs(
+                t_rows,
+                stride_tk,
+                cols[None, :],
+                tile_mask,
+                inv_t,
+                t_lse,
+                inv_teachers,
+                teacher_col,
+                NUM_TEACHERS,
+            )
             if KIND == 0:
                 soft += tl.sum(_p_log_ratio(p_t, log_p_t, log_p_s), axis=1)
             if KIND == 1:
@@ -188,8 +237,11 @@ def _kd_loss_kernel(
                     g -= tl.where(cols[None, :] == label[:, None], hard_weight, 0.0)
                 g = tl.where(bad[:, None], float("nan"), g)
                 g = tl.where(counted[:, None], g, 0.0)
-                tl.store(grad_ptr + rows64[:, None] * stride_g + cols[None, :],
-                         g.to(grad_ptr.dtype.element_ty), mask=row_in_range[:, None] & in_cols)
+                tl.store(
+                    grad_ptr + rows64[:, None] * stride_g + cols[None, :],
+                    g.to(grad_ptr.dtype.element_ty),
+                    mask=row_in_range[:, None] & in_cols,
+                )
 
     loss = soft_loss_coef * soft
     if HARD:
@@ -236,16 +288,36 @@ def _launch_kd_loss(
     t2 = temperature * temperature if scale_t2 else 1.0
     mask_bytes = mask.view(torch.uint8) if mask is not None else None
     _kd_loss_kernel[(triton.cdiv(num_rows, block_n),)](
-        student, teacher, labels, mask_bytes, row_loss, grad,
-        num_rows, num_classes, student.stride(0), teacher.stride(0), teacher.stride(1),
+        student,
+        teacher,
+        labels,
+        mask_bytes,
+        row_loss,
+        grad,
+        num_rows,
+        num_classes,
+        student.stride(0),
+        teacher.stride(0),
+        teacher.stride(1),
         grad.stride(0) if grad is not None else 0,
-        1.0 / temperature, 1.0 / num_teachers, soft_weight * t2, soft_weight * t2 / temperature,
-        hard_weight, beta, ignore_index,
-        KIND=KIND_IDS[kind], NUM_TEACHERS=num_teachers,
+        1.0 / temperature,
+        1.0 / num_teachers,
+        soft_weight * t2,
+        soft_weight * t2 / temperature,
+        hard_weight,
+        beta,
+        ignore_index,
+        KIND=KIND_IDS[kind],
+        NUM_TEACHERS=num_teachers,
         TEACHER_COLS=triton.next_power_of_2(num_teachers),
-        HAS_LABELS=labels is not None, HAS_MASK=mask is not None, HARD=hard_weight != 0.0,
-        WRITE_GRAD=grad is not None, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
+        HAS_LABELS=labels is not None,
+        HAS_MASK=mask is not None,
+        HARD=hard_weight != 0.0,
+        WRITE_GRAD=grad is not None,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
     return row_loss
 
 
@@ -266,8 +338,20 @@ def kd_loss_forward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``kd_kernels::kd_loss_forward`` (schema in csrc/ops.cpp)."""
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else None
-    row_loss = _launch_kd_loss(student, teacher, labels, mask, temperature, kind, soft_weight,
-                               hard_weight, beta, scale_t2, ignore_index, grad)  # fmt: skip
+    row_loss = _launch_kd_loss(
+        student,
+        teacher,
+        labels,
+        mask,
+        temperature,
+        kind,
+        soft_weight,
+        hard_weight,
+        beta,
+        scale_t2,
+        ignore_index,
+        grad,
+    )
     return row_loss, grad if grad is not None else student.new_empty(0)
 
 
@@ -287,8 +371,20 @@ def kd_loss_forward_out_triton(
     grad: torch.Tensor,
 ) -> torch.Tensor:
     """Triton twin of ``kd_kernels::kd_loss_forward_out``: grad may share student's storage."""
-    return _launch_kd_loss(student, teacher, labels, mask, temperature, kind, soft_weight,
-                           hard_weight, beta, scale_t2, ignore_index, grad)  # fmt: skip
+    return _launch_kd_loss(
+        student,
+        teacher,
+        labels,
+        mask,
+        temperature,
+        kind,
+        soft_weight,
+        hard_weight,
+        beta,
+        scale_t2,
+        ignore_index,
+        grad,
+    )
 
 
 register_kd_loss_ops("kd_kernels::kd_loss_forward_triton", "kd_kernels::kd_loss_forward_out_triton")
