@@ -1,0 +1,1 @@
+"""Microbenchmarks of kd_kernels against the implementations users write or install."""

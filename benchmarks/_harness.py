@@ -1,0 +1,145 @@
+"""Shared timing and memory measurement for every benchmark.
+
+Timing: median and interquartile range over repeats after warm-up; CUDA events on GPU,
+time.perf_counter on CPU. Peak extra memory: on GPU torch.cuda.max_memory_allocated above the
+allocation before the call; on CPU the running sum of tensor allocations and frees that
+torch.profiler(profile_memory=True) records during the call (tensor memory only: a kernel's
+private scratch outside torch's allocator is not seen).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Measurement:
+    name: str
+    median_ms: float
+    iqr_ms: float
+    peak_extra_mib: float
+    repeats: int
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    if len(ordered) < 4:
+        return ordered[0], statistics.median(ordered), ordered[-1]
+    q1, median, q3 = statistics.quantiles(ordered, n=4)
+    return q1, median, q3
+
+
+def time_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return times
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated by one call of ``fn`` above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Allocations inside an op are reported as that op's self usage; frees after it as
+    # "[memory]" events. Their time-ordered running sum is the allocation timeline.
+    changes = []
+    for event in prof.events():
+        if event.name == "[memory]":
+            changes.append((event.time_range.start, event.cpu_memory_usage))
+        elif event.self_cpu_memory_usage:
+            changes.append((event.time_range.start, event.self_cpu_memory_usage))
+    running = peak = 0
+    for _, change in sorted(changes):
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def measure(
+    name: str, fn: Callable[[], object], device: str, warmup: int = 2, repeats: int = 5
+) -> Measurement:
+    times = time_call(fn, device, warmup, repeats)
+    q1, median, q3 = _quartiles(times)
+    peak = peak_extra_bytes(fn, device)
+    return Measurement(name, median * 1e3, (q3 - q1) * 1e3, peak / 2**20, repeats)
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_results(name: str, device: str, payload: dict, table: str) -> str:
+    """Writes benchmarks/results/<device>/<name>.json and .md; returns the JSON path."""
+    folder = os.path.join(os.path.dirname(__file__), "results", device)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as out:
+        json.dump(payload, out, indent=2, default=lambda o: asdict(o))
+    with open(os.path.join(folder, f"{name}.md"), "w") as out:
+        out.write(table + "\n")
+    return path
+
+
+def markdown_table(rows: list[Measurement], baseline: str) -> str:
+    base = next(r for r in rows if r.name == baseline)
+    lines = [
+        f"| implementation | median ms | IQR ms | peak extra MiB | speed-up vs {baseline} "
+        f"| memory vs {baseline} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        memory_ratio = r.peak_extra_mib / base.peak_extra_mib if base.peak_extra_mib else 0.0
+        lines.append(
+            f"| {r.name} | {r.median_ms:.2f} | {r.iqr_ms:.2f} | {r.peak_extra_mib:.1f} "
+            f"| {base.median_ms / r.median_ms:.2f}x | {memory_ratio:.2f}x |"
+        )
+    return "\n".join(lines)
