@@ -78,8 +78,9 @@ def kd_row_losses(
         mixture = beta * p_t + (1.0 - beta) * p_s
         # m == 0 only where both p are 0, and there every term is 0: log(1) keeps it finite.
         log_m = torch.log(torch.where(mixture != 0, mixture, torch.ones_like(mixture)))
-        per_class = beta * _plogp_ratio(p_t, log_p_t, log_m) + (1.0 - beta) * _plogp_ratio(
-            p_s, log_p_s, log_m
+        # Weights inside the guard, so beta = 0 or 1 gives 0 (not 0 * inf) where p underflows.
+        per_class = _plogp_ratio(beta * p_t, log_p_t, log_m) + _plogp_ratio(
+            (1.0 - beta) * p_s, log_p_s, log_m
         )
     else:
         raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")

@@ -239,6 +239,18 @@ def test_all_neg_inf_teacher_row_is_nan(backend):
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch"])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_at_beta_0_and_1_is_zero_even_where_probabilities_underflow(backend, beta):
+    """beta = 0 or 1 makes m one of the two distributions: JSD is exactly 0, never 0 * inf."""
+    device = device_for(backend)
+    student = torch.tensor([[200.0, 0.0, -200.0], [0.0, 1.0, 2.0]], device=device)
+    teacher = torch.tensor([[-200.0, 0.0, 200.0], [2.0, 1.0, 0.0]], device=device)
+    loss, grad = loss_and_grad(backend, student, teacher, kind="jsd", beta=beta, reduction="none")
+    torch.testing.assert_close(loss, torch.zeros_like(loss), rtol=0, atol=1e-6)
+    assert torch.isfinite(grad).all() and grad.abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_inplace_grad_writes_gradient_into_the_logits(backend, reduction):

@@ -169,8 +169,9 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
             soft_v += p_log_ratio(p_s, log_p_s, log_p_t);
           } else {
             const Vec<acc_t> log_m = (beta_v * p_t + one_minus_beta_v * p_s).log();
-            const Vec<acc_t> student_side = one_minus_beta_v * p_log_ratio(p_s, log_p_s, log_m);
-            soft_v += beta_v * p_log_ratio(p_t, log_p_t, log_m) + student_side;
+            // Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
+            const Vec<acc_t> student_side = p_log_ratio(one_minus_beta_v * p_s, log_p_s, log_m);
+            soft_v += p_log_ratio(beta_v * p_t, log_p_t, log_m) + student_side;
             row_sum_v += student_side;
           }
         }
@@ -198,7 +199,10 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         } else {
           Vec<acc_t> h = log_p_s - log_p_t;
           if (opt.kind == KDKind::JSD) {
-            h = one_minus_beta_v * (log_p_s - (beta_v * p_t + one_minus_beta_v * p_s).log());
+            // (1 - beta) p_S > 0 implies m > 0: outside it h is 0 (beta = 1), not 0 * inf.
+            const Vec<acc_t> weighted = one_minus_beta_v * p_s;
+            const Vec<acc_t> log_m = (beta_v * p_t + weighted).log();
+            h = Vec<acc_t>::blendv(zero, one_minus_beta_v * (log_p_s - log_m), weighted > zero);
           }
           g = Vec<acc_t>::blendv(zero, p_s * (h - row_sum_vec), p_s > zero);
         }

@@ -193,8 +193,9 @@ def _kd_loss_kernel(
                 soft += tl.sum(_p_log_ratio(p_s, log_p_s, log_p_t), axis=1)
             else:
                 log_m = tl.log(beta * p_t + (1.0 - beta) * p_s)
-                student_side = (1.0 - beta) * _p_log_ratio(p_s, log_p_s, log_m)
-                soft += tl.sum(beta * _p_log_ratio(p_t, log_p_t, log_m) + student_side, axis=1)
+                # Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
+                student_side = _p_log_ratio((1.0 - beta) * p_s, log_p_s, log_m)
+                soft += tl.sum(_p_log_ratio(beta * p_t, log_p_t, log_m) + student_side, axis=1)
                 row_sum += tl.sum(student_side, axis=1)
         if KIND == 2:
             row_sum = soft
@@ -229,7 +230,10 @@ def _kd_loss_kernel(
                 else:
                     h = log_p_s - log_p_t
                     if KIND == 3:
-                        h = (1.0 - beta) * (log_p_s - tl.log(beta * p_t + (1.0 - beta) * p_s))
+                        # (1 - beta) p_S > 0 implies m > 0: elsewhere h is 0, not 0 * inf.
+                        weighted = (1.0 - beta) * p_s
+                        log_m = tl.log(beta * p_t + weighted)
+                        h = tl.where(weighted > 0, (1.0 - beta) * (log_p_s - log_m), 0.0)
                     g = tl.where(p_s > 0, p_s * (h - row_sum[:, None]), 0.0)
                 g = g * soft_grad_coef
                 if HARD:
