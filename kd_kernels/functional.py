@@ -98,6 +98,8 @@ def kd_loss(
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
+    if num_classes == 0:
+        raise ValueError("student_logits has 0 classes")
     if mask is not None:
         check_row_tensor("mask", mask, row_shape, student_logits.device, kind="bool")
     if labels is not None:
@@ -110,8 +112,6 @@ def kd_loss(
             )
     elif hard_weight != 0.0:
         raise ValueError(f"hard_weight={hard_weight} needs labels, got labels=None")
-    if num_classes == 0:
-        raise ValueError("student_logits has 0 classes")
 
     chosen = resolve_backend(backend, student_logits.device, student_logits.dtype)
     options = dict(
