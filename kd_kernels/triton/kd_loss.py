@@ -52,30 +52,39 @@ def _p_log_ratio(p, log_p, log_q):
 
 
 @triton.jit
-def _teacher_probs(
-    teacher_ptr,
+def _chunk_probs(
+    student_rows,
+    teacher_rows,
     stride_tk,
-    tile_offsets,
+    cols,
     tile_mask,
     inv_t,
+    student_lse,
     teacher_lse,
     inv_teachers,
     teacher_col,
     NUM_TEACHERS: tl.constexpr,
 ):
-    """p_T and log p_T of one chunk: a single teacher, or the mean of K teachers' softmaxes."""
+    """One (BLOCK_N, BLOCK_C) chunk: student logits x, log p_S, p_S, p_T, log p_T.
+
+    p_T is a single teacher's softmax, or the mean of K teachers' softmaxes (MT-DNN-KD).
+    """
+    offsets = cols[None, :]
+    x = tl.load(student_rows + offsets, mask=tile_mask, other=float("-inf")).to(tl.float32)
+    log_p_s = x * inv_t - student_lse[:, None]
+    p_s = tl.exp(log_p_s)
     if NUM_TEACHERS == 1:
-        z = tl.load(teacher_ptr + tile_offsets, mask=tile_mask, other=float("-inf"))
+        z = tl.load(teacher_rows + offsets, mask=tile_mask, other=float("-inf"))
         lse = tl.sum(tl.where(teacher_col == 0, teacher_lse, 0.0), axis=1)
         log_p_t = z.to(tl.float32) * inv_t - lse[:, None]
-        return tl.exp(log_p_t), log_p_t
-    p_t = tl.zeros(tile_offsets.shape, dtype=tl.float32)
+        return x, log_p_s, p_s, tl.exp(log_p_t), log_p_t
+    p_t = tl.zeros(x.shape, dtype=tl.float32)
     for k in tl.static_range(NUM_TEACHERS):
-        z = tl.load(teacher_ptr + k * stride_tk + tile_offsets, mask=tile_mask, other=float("-inf"))
+        z = tl.load(teacher_rows + k * stride_tk + offsets, mask=tile_mask, other=float("-inf"))
         lse = tl.sum(tl.where(teacher_col == k, teacher_lse, 0.0), axis=1)
         p_t += tl.exp(z.to(tl.float32) * inv_t - lse[:, None])
     p_t = p_t * inv_teachers
-    return p_t, tl.log(p_t)
+    return x, log_p_s, p_s, p_t, tl.log(p_t)
 
 
 @triton.jit
@@ -175,20 +184,10 @@ def _kd_loss_kernel(
         for start in range(0, num_classes, BLOCK_C):
             cols = start + cols0
             tile_mask = counted[:, None] & (cols < num_classes)[None, :]
-            x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
-            log_p_s = x * inv_t - s_lse[:, None]
-            p_s = tl.exp(log_p_s)
-            p_t, log_p_t = _teacher_probs(
-                t_rows,
-                stride_tk,
-                cols[None, :],
-                tile_mask,
-                inv_t,
-                t_lse,
-                inv_teachers,
-                teacher_col,
-                NUM_TEACHERS,
-            )
+            x, log_p_s, p_s, p_t, log_p_t = _chunk_probs(
+                s_rows, t_rows, stride_tk, cols, tile_mask, inv_t, s_lse, t_lse, inv_teachers,
+                teacher_col, NUM_TEACHERS,
+            )  # fmt: skip
             if KIND == 2:
                 soft += tl.sum(_p_log_ratio(p_s, log_p_s, log_p_t), axis=1)
             else:
@@ -206,20 +205,10 @@ def _kd_loss_kernel(
             cols = start + cols0
             in_cols = (cols < num_classes)[None, :]
             tile_mask = counted[:, None] & in_cols
-            x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
-            log_p_s = x * inv_t - s_lse[:, None]
-            p_s = tl.exp(log_p_s)
-            p_t, log_p_t = _teacher_probs(
-                t_rows,
-                stride_tk,
-                cols[None, :],
-                tile_mask,
-                inv_t,
-                t_lse,
-                inv_teachers,
-                teacher_col,
-                NUM_TEACHERS,
-            )
+            x, log_p_s, p_s, p_t, log_p_t = _chunk_probs(
+                s_rows, t_rows, stride_tk, cols, tile_mask, inv_t, s_lse, t_lse, inv_teachers,
+                teacher_col, NUM_TEACHERS,
+            )  # fmt: skip
             if KIND == 0:
                 soft += tl.sum(_p_log_ratio(p_t, log_p_t, log_p_s), axis=1)
             if KIND == 1:
