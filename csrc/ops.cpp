@@ -16,6 +16,15 @@ TORCH_LIBRARY(kd_kernels, m) {
       "kd_loss_forward_out(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, "
       "float temperature, str kind, float soft_weight, float hard_weight, float beta, "
       "bool scale_t2, int ignore_index, Tensor(a!) grad) -> Tensor");
+  // Fused masked MSE of matched layers (TinyBERT attention maps and hidden states), every layer
+  // in one launch. student[l], teacher[l]: (B, H, R, C) with a unit last-dim stride; mask (B, R)
+  // bool; entries <= threshold become 0; mask_columns also masks column c by mask[b, c].
+  // Returns the per-row sums of squared differences of all layers end to end, fp32 (fp64 for
+  // fp64), and per layer (1/2) d sum / d student, contiguous, in the student's dtype (an empty
+  // list when need_grad is false). Semantics in csrc/layer_mse.h.
+  m.def(
+      "layer_mse_forward(Tensor[] student, Tensor[] teacher, Tensor? mask, float? threshold, "
+      "bool mask_columns, bool need_grad) -> (Tensor, Tensor[])");
 }
 
 // kd_kernels._C is imported as a Python module only to load this library (and its

@@ -60,3 +60,82 @@ def labels_out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: in
     """True if a label is neither ignore_index nor in [0, num_classes) (one host sync)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     return bool(bad.any())
+
+
+def check_layer_pairs(
+    student_name: str, teacher_name: str, student: object, teacher: object, ndim: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Matched layers as two equal-length lists of ``ndim``-d tensors of equal shapes pairwise.
+
+    A single tensor is one layer. All layers share the student's dtype and device.
+    """
+    students, teachers = (
+        _as_layer_list(student_name, student),
+        _as_layer_list(teacher_name, teacher),
+    )
+    if len(students) != len(teachers):
+        raise ValueError(
+            f"{student_name} has {len(students)} layers, {teacher_name} {len(teachers)}; "
+            "pass one teacher layer per student layer (see kd_kernels.layer_map)"
+        )
+    dtype, device = students[0].dtype, students[0].device
+    for index, (s, t) in enumerate(zip(students, teachers, strict=True)):
+        if s.dim() != ndim:
+            raise ValueError(f"{student_name}[{index}] must be {ndim}-d, got {tuple(s.shape)}")
+        if s.shape != t.shape:
+            raise ValueError(
+                f"layer {index}: {student_name} has shape {tuple(s.shape)}, {teacher_name} "
+                f"{tuple(t.shape)}; shapes must match pairwise"
+            )
+        if s.dtype != dtype or t.dtype != dtype:
+            raise TypeError(
+                f"layer {index}: every layer must have dtype {dtype}, got {s.dtype} and "
+                f"{t.dtype}; cast the teacher with .to(student.dtype)"
+            )
+        if s.device != device or t.device != device:
+            raise ValueError(
+                f"layer {index}: inputs must be on {device}, got {s.device}, {t.device}"
+            )
+    return students, teachers
+
+
+def _as_layer_list(name: str, value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        layers = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        layers = list(value)
+    else:
+        raise TypeError(
+            f"{name} must be a tensor or a sequence of tensors, got {type(value).__name__}"
+        )
+    if not layers:
+        raise ValueError(f"{name} is an empty sequence; pass at least one layer")
+    for index, layer in enumerate(layers):
+        check_float_tensor(f"{name}[{index}]", layer)
+    return layers
+
+
+def check_token_mask(
+    attention_mask: object, layers: list[torch.Tensor], token_dim: int
+) -> torch.Tensor:
+    """A (B, L) bool or integer padding mask matching every layer; returned as contiguous bool."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(
+            f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}"
+        )
+    for index, layer in enumerate(layers):
+        expected = (layer.shape[0], layer.shape[token_dim])
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask must be (B, L) = {expected} for layer {index} of shape "
+                f"{tuple(layer.shape)}, got {tuple(attention_mask.shape)}"
+            )
+    if attention_mask.device != layers[0].device:
+        raise ValueError(
+            f"attention_mask is on {attention_mask.device}, the inputs on {layers[0].device}"
+        )
+    return (attention_mask != 0).contiguous()

@@ -85,5 +85,52 @@ class KDLossGradInStudent(torch.autograd.Function):
         return (grad, None) + (None,) * 10
 
 
+def _layer_mse_forward_fake(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    threshold: float | None,
+    mask_columns: bool,
+    need_grad: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    total_rows = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in student)
+    row_sq_sum = student[0].new_empty(total_rows, dtype=_row_loss_dtype(student[0]))
+    half_grad = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student]
+    return row_sq_sum, half_grad if need_grad else []
+
+
+def _layer_mse_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    student, need_grad = inputs[0], inputs[-1]
+    _, half_grad = output
+    ctx.mark_non_differentiable(*half_grad)
+    ctx.save_for_backward(*half_grad)
+    ctx.computed_grad = need_grad
+    ctx.rows_per_layer = [s.shape[0] * s.shape[1] * s.shape[2] for s in student]
+
+
+def _layer_mse_backward(ctx: Any, grad_row_sq_sum: torch.Tensor, _: Any) -> tuple:
+    if not ctx.computed_grad:
+        raise RuntimeError(
+            "layer MSE: the gradient was not computed in forward (need_grad=False); call the "
+            "loss with grad enabled and student tensors that require grad"
+        )
+    # d row_sq_sum / d student = 2 * half_grad, row by row.
+    row_scales = (2 * grad_row_sq_sum).split(ctx.rows_per_layer)
+    grads = [
+        half_grad * scale.view(*half_grad.shape[:3], 1).to(half_grad.dtype)
+        for half_grad, scale in zip(ctx.saved_tensors, row_scales, strict=True)
+    ]
+    return grads, [None] * len(grads), None, None, None, None
+
+
+def register_layer_mse_op(forward_op: str) -> None:
+    """Registers the fake implementation and autograd of one backend's layer MSE op."""
+    torch.library.register_fake(forward_op)(_layer_mse_forward_fake)
+    torch.library.register_autograd(
+        forward_op, _layer_mse_backward, setup_context=_layer_mse_setup_context
+    )
+
+
 if HAS_EXTENSION:
     register_kd_loss_ops("kd_kernels::kd_loss_forward", "kd_kernels::kd_loss_forward_out")
+    register_layer_mse_op("kd_kernels::layer_mse_forward")

@@ -6,6 +6,9 @@ input on the cpu/torch backends) and gives gradients in the input's dtype.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from kd_kernels import _ops, reference
@@ -13,13 +16,15 @@ from kd_kernels._backend import resolve_backend
 from kd_kernels._checks import (
     check_choice,
     check_float_tensor,
+    check_layer_pairs,
     check_row_tensor,
     check_same_device,
     check_temperature,
+    check_token_mask,
     labels_out_of_range,
 )
 
-__all__ = ["kd_loss"]
+__all__ = ["attention_mse_loss", "hidden_mse_loss", "kd_loss"]
 
 
 def kd_loss(
@@ -203,3 +208,157 @@ def _reduce_rows(
     if reduction == "batchmean":
         return total / counted
     return total / (counted * num_classes)
+
+
+def attention_mse_loss(
+    student_attn: torch.Tensor | Sequence[torch.Tensor],
+    teacher_attn: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    threshold: float | None = -100.0,
+    layer_reduction: str = "sum",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """TinyBERT attention-map MSE over matched layers, all layers in one fused kernel launch.
+
+    Args:
+        student_attn, teacher_attn: (B, H, Lq, Lk) float tensors (pre-softmax scores or
+            probabilities), or equal-length sequences of them, one per matched layer pair;
+            shapes equal pairwise. Only the student gets a gradient.
+        attention_mask: (B, Lk) bool or integer (nonzero = real token); needs Lq == Lk.
+            Entry (q, k) counts when both tokens are real. None: every entry counts.
+        threshold: entries ``<= threshold`` become 0 in both tensors before the difference,
+            as TinyBERT's ``torch.where(att <= -1e2, 0, att)`` does for scores masked with
+            -10000 (no gradient flows to a replaced student entry). None keeps every value.
+        layer_reduction: per layer L_l = sum over counted entries of (s' - t')^2 / count;
+            ``"sum"`` (TinyBERT's att_loss), ``"mean"``, or ``"none"`` (shape (layers,)).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+
+    Returns:
+        float32 loss (float64 for float64 input). A layer with no counted entry adds 0.
+    """
+    students, teachers = check_layer_pairs(
+        "student_attn", "teacher_attn", student_attn, teacher_attn, 4
+    )
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or math.isnan(threshold)
+    ):
+        raise TypeError(f"threshold must be a float or None, got {threshold!r}")
+    check_choice("layer_reduction", layer_reduction, reference.LAYER_REDUCTIONS)
+    mask = None
+    if attention_mask is not None:
+        for index, student in enumerate(students):
+            if student.shape[-2] != student.shape[-1]:
+                raise ValueError(
+                    f"attention_mask needs square attention maps (Lq == Lk); layer {index} has "
+                    f"shape {tuple(student.shape)}"
+                )
+        mask = check_token_mask(attention_mask, students, token_dim=-1)
+    chosen = resolve_backend(backend, students[0].device, students[0].dtype)
+    if chosen == "torch":
+        layer_losses = reference.attention_mse_layer_losses(
+            students, teachers, attention_mask=mask, threshold=threshold
+        )
+    else:
+        threshold = None if threshold is None else float(threshold)
+        layer_losses = _fused_layer_mse(chosen, students, teachers, mask, threshold, True)
+    return reference.reduce_layers(layer_losses, layer_reduction)
+
+
+def hidden_mse_loss(
+    student_hidden: torch.Tensor | Sequence[torch.Tensor],
+    teacher_hidden: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    layer_reduction: str = "sum",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Hidden-state MSE over matched layers (TinyBERT, TextBrewer's hid_mse_loss), fused.
+
+    Args:
+        student_hidden, teacher_hidden: (B, L, D) float tensors or equal-length sequences of
+            them (the student already projected to the teacher's width, e.g. TinyBERT's
+            fit_dense). Only the student gets a gradient.
+        attention_mask: (B, L) bool or integer (nonzero = real token); padded tokens do not
+            count. Per layer L_l = sum over real (b, l) and d of (s - t)^2 / (tokens * D).
+        layer_reduction: ``"sum"``, ``"mean"`` or ``"none"`` (shape (layers,)).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+
+    Returns:
+        float32 loss (float64 for float64 input). A layer with no real token adds 0.
+    """
+    students, teachers = check_layer_pairs(
+        "student_hidden", "teacher_hidden", student_hidden, teacher_hidden, 3
+    )
+    check_choice("layer_reduction", layer_reduction, reference.LAYER_REDUCTIONS)
+    mask = (
+        None if attention_mask is None else check_token_mask(attention_mask, students, token_dim=1)
+    )
+    chosen = resolve_backend(backend, students[0].device, students[0].dtype)
+    if chosen == "torch":
+        layer_losses = reference.hidden_mse_layer_losses(students, teachers, attention_mask=mask)
+    else:
+        # (B, L, D) is the (B, H=1, R=L, C=D) case of the layer MSE op, masked by rows only.
+        students = [s.unsqueeze(1) for s in students]
+        teachers = [t.unsqueeze(1) for t in teachers]
+        layer_losses = _fused_layer_mse(chosen, students, teachers, mask, None, False)
+    return reference.reduce_layers(layer_losses, layer_reduction)
+
+
+def _fused_layer_mse(
+    backend: str,
+    students: list[torch.Tensor],
+    teachers: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    threshold: float | None,
+    mask_columns: bool,
+) -> torch.Tensor:
+    """Per-layer losses (layers,) from the layer MSE op: row sums of squares / counts.
+
+    Layers are (B, H, R, C). Counted entries per layer: B*H*R*C without a mask,
+    H * sum_b n_b^2 with column masking (attention) or H * C * sum_b n_b without, where n_b
+    is the number of real tokens of sequence b; counted on the device, with no host sync.
+    """
+    students = [_unit_last_stride(s) for s in students]
+    teachers = [_unit_last_stride(t) for t in teachers]
+    need_grad = torch.is_grad_enabled() and any(s.requires_grad for s in students)
+    row_sq_sum, _ = _layer_mse_op(backend)(
+        students, teachers, mask, threshold, mask_columns, need_grad
+    )
+    rows = [s.shape[0] * s.shape[1] * s.shape[2] for s in students]
+    if len(set(rows)) == 1:
+        layer_sums = row_sq_sum.view(len(rows), rows[0]).sum(1)
+    else:
+        layer_sums = torch.stack([part.sum() for part in row_sq_sum.split(rows)])
+    if mask is None:
+        per_layer = [max(s.numel(), 1) for s in students]
+        if len(set(per_layer)) == 1:
+            return layer_sums / per_layer[0]
+        return layer_sums / layer_sums.new_tensor(per_layer)
+    tokens = mask.sum(1, dtype=torch.int64)
+    if mask_columns:
+        masked_count = tokens.square().sum()
+        scales = [s.shape[1] for s in students]
+    else:
+        masked_count = tokens.sum()
+        scales = [s.shape[1] * s.shape[3] for s in students]
+    if len(set(scales)) == 1:
+        counts = masked_count * scales[0]
+    else:
+        counts = torch.stack([masked_count * scale for scale in scales])
+    return layer_sums / counts.clamp_min(1)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels walk rows with unit stride; other strides (head slices) are taken as they are."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _layer_mse_op(backend: str):
+    if backend == "triton":
+        from kd_kernels.triton import layer_mse as triton_layer_mse
+
+        return triton_layer_mse.layer_mse_forward_triton
+    return torch.ops.kd_kernels.layer_mse_forward

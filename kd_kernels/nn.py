@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kd_kernels import functional
 
-__all__ = ["KDLoss"]
+__all__ = ["AttentionMSELoss", "HiddenMSELoss", "KDLoss"]
 
 
 class KDLoss(torch.nn.Module):
@@ -51,6 +53,58 @@ class KDLoss(torch.nn.Module):
     ) -> torch.Tensor:
         return functional.kd_loss(
             student_logits, teacher_logits, mask=mask, labels=labels, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+class AttentionMSELoss(torch.nn.Module):
+    """Module form of :func:`kd_kernels.attention_mse_loss`.
+
+    ``forward(student_attn, teacher_attn, attention_mask=None)``: tensors (B, H, L, L) or
+    equal-length sequences of them (one per matched layer).
+    """
+
+    def __init__(
+        self, threshold: float | None = -100.0, layer_reduction: str = "sum", backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.options = dict(threshold=threshold, layer_reduction=layer_reduction, backend=backend)
+
+    def forward(
+        self,
+        student_attn: torch.Tensor | Sequence[torch.Tensor],
+        teacher_attn: torch.Tensor | Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return functional.attention_mse_loss(
+            student_attn, teacher_attn, attention_mask=attention_mask, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+class HiddenMSELoss(torch.nn.Module):
+    """Module form of :func:`kd_kernels.hidden_mse_loss`.
+
+    ``forward(student_hidden, teacher_hidden, attention_mask=None)``: tensors (B, L, D) or
+    equal-length sequences of them.
+    """
+
+    def __init__(self, layer_reduction: str = "sum", backend: str = "auto") -> None:
+        super().__init__()
+        self.options = dict(layer_reduction=layer_reduction, backend=backend)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor | Sequence[torch.Tensor],
+        teacher_hidden: torch.Tensor | Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return functional.hidden_mse_loss(
+            student_hidden, teacher_hidden, attention_mask=attention_mask, **self.options
         )
 
     def extra_repr(self) -> str:

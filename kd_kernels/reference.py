@@ -153,3 +153,91 @@ def kd_loss(
     if reduction == "mean":
         return total / max(num_counted * num_classes, 1)
     raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+
+
+LAYER_REDUCTIONS = ("sum", "mean", "none")
+
+
+def _replace_at_or_below(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """TinyBERT's ``torch.where(att <= threshold, 0, att)``, in the compute dtype."""
+    x = x.to(_compute_dtype(x))
+    if threshold is None:
+        return x
+    return torch.where(x <= threshold, torch.zeros_like(x), x)
+
+
+def _masked_mean_square(diff: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """sum(counted * diff^2) / sum(counted); 0 when nothing is counted.
+
+    Uncounted entries are zeroed with ``where`` before squaring (not multiplied by the mask),
+    so that NaN there reaches neither the loss nor, through 0 * NaN in backward, the gradient.
+    """
+    if counted is None:
+        return diff.square().sum() / max(diff.numel(), 1)
+    counted_diff = torch.where(counted, diff, torch.zeros_like(diff))
+    return counted_diff.square().sum() / counted.sum().clamp_min(1)
+
+
+def attention_mse_layer_losses(
+    student_attn: list[torch.Tensor],
+    teacher_attn: list[torch.Tensor],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    threshold: float | None = -100.0,
+) -> torch.Tensor:
+    """Per matched layer l: mean over counted (b, h, q, k) of (s' - t')^2.
+
+    Args:
+        student_attn, teacher_attn: equal-length lists of (B, H, L, L) (or (B, H, Lq, Lk)
+            without a mask) float tensors, equal shapes pairwise.
+        attention_mask: (B, L) bool; (q, k) counts when both tokens are real. None: all count.
+        threshold: s' = 0 where s <= threshold (TinyBERT zeroes scores masked with -10000),
+            likewise t'. None keeps every value.
+
+    Returns:
+        (num_layers,) float32 (float64 for float64 input); 0 for a layer with no counted entry.
+    """
+    losses = []
+    for student, teacher in zip(student_attn, teacher_attn, strict=True):
+        teacher = teacher.detach()  # the teacher is read, never differentiated
+        diff = _replace_at_or_below(student, threshold) - _replace_at_or_below(teacher, threshold)
+        counted = None
+        if attention_mask is not None:
+            real = attention_mask.to(torch.bool)
+            counted = (real[:, None, :, None] & real[:, None, None, :]).expand_as(diff)
+        losses.append(_masked_mean_square(diff, counted))
+    return torch.stack(losses)
+
+
+def hidden_mse_layer_losses(
+    student_hidden: list[torch.Tensor],
+    teacher_hidden: list[torch.Tensor],
+    *,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per matched layer l: sum over real tokens (b, l) and d of (s - t)^2 / (tokens * D).
+
+    Args:
+        student_hidden, teacher_hidden: equal-length lists of (B, L, D) float tensors.
+        attention_mask: (B, L) bool, False for padding. None: every token counts.
+
+    Returns:
+        (num_layers,) float32 (float64 for float64 input); 0 for a layer with no real token.
+    """
+    losses = []
+    for student, teacher in zip(student_hidden, teacher_hidden, strict=True):
+        diff = student.to(_compute_dtype(student)) - teacher.detach().to(_compute_dtype(student))
+        counted = None
+        if attention_mask is not None:
+            counted = attention_mask.to(torch.bool)[:, :, None].expand_as(diff)
+        losses.append(_masked_mean_square(diff, counted))
+    return torch.stack(losses)
+
+
+def reduce_layers(layer_losses: torch.Tensor, layer_reduction: str) -> torch.Tensor:
+    """``"sum"`` over layers (TinyBERT), ``"mean"``, or ``"none"`` (the (num_layers,) vector)."""
+    if layer_reduction == "sum":
+        return layer_losses.sum()
+    if layer_reduction == "mean":
+        return layer_losses.mean()
+    return layer_losses

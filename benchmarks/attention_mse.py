@@ -1,0 +1,109 @@
+"""TinyBERT attention-map MSE, forward + backward: fused kernels against TinyBERT's own loop.
+
+    python -m benchmarks.attention_mse            # 4 of 12 layers, B=32, H=12, L=128, fp32, CPU
+    python -m benchmarks.attention_mse --device cuda --dtype bfloat16 --length 512
+
+Inputs are BERT-like pre-softmax scores, padding keys masked with -10000 (a quarter of each
+sequence is padding). The student's 4 layers are matched to teacher layers 2, 5, 8, 11
+(``kdk.layer_map(4, 12)``). Baseline: TinyBERT's loop, ``torch.where(att <= -1e2, 0, att)`` on
+both sides then ``MSELoss``, summed over layers. Ratios come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import kd_kernels as kdk
+from benchmarks._harness import machine_info, markdown_table, measure, write_results
+
+
+def tinybert_loop(students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
+    loss_mse = torch.nn.MSELoss()
+    att_loss = 0.0
+    for student, teacher in zip(students, teachers, strict=True):
+        student = torch.where(student <= -1e2, torch.zeros_like(student), student)
+        teacher = torch.where(teacher <= -1e2, torch.zeros_like(teacher), teacher)
+        att_loss = att_loss + loss_mse(student, teacher)
+    return att_loss
+
+
+def bert_like_scores(layers, batch, heads, length, dtype, device, generator):
+    real = torch.arange(length)[None, :] < (length - length // 4)
+    padding = (~real).float()[:, None, None, :] * -10000.0
+    return [
+        (torch.randn(batch, heads, length, length, generator=generator) * 2 + padding).to(
+            device, dtype
+        )
+        for _ in range(layers)
+    ]
+
+
+def implementations(device: str, with_compile: bool) -> dict:
+    impls = {"TinyBERT loop": tinybert_loop}
+    if with_compile:
+        impls["torch.compile(TinyBERT loop)"] = torch.compile(tinybert_loop)
+    for backend in kdk.available_backends():
+        if backend == "torch" or (backend == "cpu") != (device == "cpu"):
+            continue
+        impls[f"kd_kernels[{backend}]"] = lambda s, t, backend=backend: kdk.attention_mse_loss(
+            s, t, backend=backend
+        )
+    return impls
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student-layers", type=int, default=4)
+    parser.add_argument("--teacher-layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(loop)")
+    parser.add_argument("--no-save", action="store_true", help="print only, write no results")
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, args.length)
+    students = bert_like_scores(args.student_layers, *shape, dtype, args.device, generator)
+    teacher_layers = bert_like_scores(args.teacher_layers, *shape, dtype, args.device, generator)
+    mapping = kdk.layer_map(args.student_layers, args.teacher_layers)
+    teachers = [teacher_layers[i] for i in mapping.attention]
+    for student in students:
+        student.requires_grad_(True)
+
+    results = []
+    for name, loss_fn in implementations(args.device, args.compile).items():
+
+        def step(loss_fn=loss_fn):
+            return torch.autograd.grad(loss_fn(students, teachers), students)
+
+        results.append(measure(name, step, args.device, args.warmup, args.repeats))
+        print(f"{name}: {results[-1].median_ms:.1f} ms, {results[-1].peak_extra_mib:.0f} MiB")
+
+    table = markdown_table(results, baseline="TinyBERT loop")
+    print(table)
+    payload = {
+        "benchmark": "attention_mse fwd+bwd",
+        "config": vars(args),
+        "layer_map": {"attention": list(mapping.attention)},
+        "machine": machine_info(args.device),
+        "memory_method": "cuda max_memory_allocated"
+        if args.device == "cuda"
+        else "torch.profiler(profile_memory=True) allocation timeline (tensor memory only)",
+        "results": results,
+    }
+    if not args.no_save:
+        name = f"attention_mse_{args.student_layers}x{args.batch}x{args.heads}x{args.length}"
+        print("wrote", write_results(f"{name}_{args.dtype}", args.device, payload, table))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
