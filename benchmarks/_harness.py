@@ -66,20 +66,21 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Allocations inside an op are reported as that op's self usage; frees after it as
-    # "[memory]" events. Their time-ordered running sum is the allocation timeline.
-    changes = []
-    for event in prof.events():
-        if event.name == "[memory]":
-            changes.append((event.time_range.start, event.cpu_memory_usage))
-        elif event.self_cpu_memory_usage:
-            changes.append((event.time_range.start, event.self_cpu_memory_usage))
+    # Every CPU allocation (+bytes) and free (-bytes) with its time, also those made inside an
+    # op (a custom op calling aten ops): their time-ordered running sum is the allocation
+    # timeline, and its maximum the peak above what was allocated before the call.
+    changes = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == DeviceType.CPU
+    )
     running = peak = 0
-    for _, change in sorted(changes):
+    for _, change in changes:
         running += change
         peak = max(peak, running)
     return peak

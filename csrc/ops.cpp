@@ -25,6 +25,20 @@ TORCH_LIBRARY(kd_kernels, m) {
   m.def(
       "layer_mse_forward(Tensor[] student, Tensor[] teacher, Tensor? mask, float? threshold, "
       "bool mask_columns, bool need_grad) -> (Tensor, Tensor[])");
+  // In-batch InfoNCE, one direction (query -> key), O(N + M) statistics: query (N, D), key
+  // (M, D), labels (N,) int64 in [0, M), temperature a 0-dim float32 tensor (float64 for
+  // float64 inputs) on the inputs' device, cosine: rows L2-normalized inside. Returns the
+  // per-query loss (N,) and the per-query log-sum-exp (N,) that backward reuses, fp32 (fp64
+  // for fp64). Semantics in csrc/info_nce.h.
+  m.def(
+      "info_nce_forward(Tensor query, Tensor key, Tensor labels, Tensor temperature, "
+      "bool cosine) -> (Tensor, Tensor)");
+  // Gradients of sum_i grad_loss_i * loss_i: (d query, d key) in the inputs' dtype and
+  // d temperature (0-dim, in the temperature's dtype), recomputing the similarities block by
+  // block.
+  m.def(
+      "info_nce_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor labels, "
+      "Tensor temperature, Tensor lse, bool cosine) -> (Tensor, Tensor, Tensor)");
 }
 
 // kd_kernels._C is imported as a Python module only to load this library (and its

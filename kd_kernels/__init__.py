@@ -6,7 +6,7 @@ Example: ``kdk.kd_loss(student_logits, teacher_logits, temperature=2.0)`` after
 
 from kd_kernels import nn
 from kd_kernels._backend import available_backends
-from kd_kernels.functional import attention_mse_loss, hidden_mse_loss, kd_loss
+from kd_kernels.functional import attention_mse_loss, hidden_mse_loss, info_nce_loss, kd_loss
 from kd_kernels.layer_map import LayerMap, layer_map
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "attention_mse_loss",
     "available_backends",
     "hidden_mse_loss",
+    "info_nce_loss",
     "kd_loss",
     "layer_map",
     "nn",

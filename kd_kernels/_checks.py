@@ -56,9 +56,13 @@ def check_row_tensor(
         raise ValueError(f"{name} is on {value.device}, the logits on {device}")
 
 
-def labels_out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> bool:
+def labels_out_of_range(
+    labels: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> bool:
     """True if a label is neither ignore_index nor in [0, num_classes) (one host sync)."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (labels != ignore_index)
     return bool(bad.any())
 
 

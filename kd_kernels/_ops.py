@@ -35,11 +35,15 @@ def _row_loss_dtype(student: torch.Tensor) -> torch.dtype:
 def _kd_loss_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # Else autograd would allocate a zero (N, C) gradient for the unused grad output.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
     ctx.computed_grad = inputs[-1]
 
 
-def _kd_loss_backward(ctx: Any, grad_row_loss: torch.Tensor, _: Any) -> tuple:
+def _kd_loss_backward(ctx: Any, grad_row_loss: torch.Tensor | None, _: Any) -> tuple:
+    if grad_row_loss is None:  # grads are not materialised: the loss was not used
+        return (None,) * 12
     if not ctx.computed_grad:
         raise RuntimeError(
             "kd_loss: the gradient was not computed in forward (need_grad=False); "
@@ -103,12 +107,17 @@ def _layer_mse_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     student, need_grad = inputs[0], inputs[-1]
     _, half_grad = output
     ctx.mark_non_differentiable(*half_grad)
+    # Else autograd would allocate a zero gradient per layer for the unused half_grad outputs.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*half_grad)
     ctx.computed_grad = need_grad
     ctx.rows_per_layer = [s.shape[0] * s.shape[1] * s.shape[2] for s in student]
 
 
-def _layer_mse_backward(ctx: Any, grad_row_sq_sum: torch.Tensor, _: Any) -> tuple:
+def _layer_mse_backward(ctx: Any, grad_row_sq_sum: torch.Tensor | None, _: Any) -> tuple:
+    if grad_row_sq_sum is None:  # grads are not materialised: the loss was not used
+        no_grads = [None] * len(ctx.rows_per_layer)
+        return no_grads, list(no_grads), None, None, None, None
     if not ctx.computed_grad:
         raise RuntimeError(
             "layer MSE: the gradient was not computed in forward (need_grad=False); call the "
@@ -131,6 +140,66 @@ def register_layer_mse_op(forward_op: str) -> None:
     )
 
 
+def _info_nce_forward_fake(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = _row_loss_dtype(query)
+    return query.new_empty(query.shape[0], dtype=dtype), query.new_empty(
+        query.shape[0], dtype=dtype
+    )
+
+
+def _info_nce_backward_fake(
+    grad_loss: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_temperature = temperature.new_empty(())
+    return torch.empty_like(query), torch.empty_like(key), grad_temperature
+
+
+def _info_nce_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    query, key, labels, temperature, cosine = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(query, key, labels, temperature, lse)
+    ctx.cosine = cosine
+
+
+def register_info_nce_ops(forward_op: str, backward_op: str, backward: Callable) -> None:
+    """Registers fake implementations of one backend's InfoNCE pair and the forward's autograd,
+    which recomputes the similarities block by block in ``backward`` (the backward op)."""
+    torch.library.register_fake(forward_op)(_info_nce_forward_fake)
+    torch.library.register_fake(backward_op)(_info_nce_backward_fake)
+
+    def info_nce_autograd(ctx: Any, grad_loss: torch.Tensor | None, _: Any) -> tuple:
+        if grad_loss is None:  # grads are not materialised: the loss was not used
+            return None, None, None, None, None
+        query, key, labels, temperature, lse = ctx.saved_tensors
+        grad_query, grad_key, grad_temperature = backward(
+            grad_loss.contiguous(), query, key, labels, temperature, lse, ctx.cosine
+        )
+        return grad_query, grad_key, None, grad_temperature, None
+
+    torch.library.register_autograd(
+        forward_op, info_nce_autograd, setup_context=_info_nce_setup_context
+    )
+
+
 if HAS_EXTENSION:
     register_kd_loss_ops("kd_kernels::kd_loss_forward", "kd_kernels::kd_loss_forward_out")
     register_layer_mse_op("kd_kernels::layer_mse_forward")
+    register_info_nce_ops(
+        "kd_kernels::info_nce_forward",
+        "kd_kernels::info_nce_backward",
+        torch.ops.kd_kernels.info_nce_backward,
+    )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kd_kernels import _ops, reference
+from kd_kernels import _ops, distributed, reference
 from kd_kernels._backend import resolve_backend
 from kd_kernels._checks import (
     check_choice,
@@ -24,7 +24,7 @@ from kd_kernels._checks import (
     labels_out_of_range,
 )
 
-__all__ = ["attention_mse_loss", "hidden_mse_loss", "kd_loss"]
+__all__ = ["attention_mse_loss", "hidden_mse_loss", "info_nce_loss", "kd_loss"]
 
 
 def kd_loss(
@@ -362,3 +362,144 @@ def _layer_mse_op(backend: str):
 
         return triton_layer_mse.layer_mse_forward_triton
     return torch.ops.kd_kernels.layer_mse_forward
+
+
+def info_nce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 0.05,
+    labels: torch.Tensor | None = None,
+    similarity: str = "cosine",
+    symmetric: bool = False,
+    reduction: str = "mean",
+    gather_distributed: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """In-batch InfoNCE with O(N + M) memory (SimCSE, CLIP, any bi-encoder).
+
+    Args:
+        query: (N, D) float tensor. key: (M, D), same dtype. Both get gradients.
+        temperature: a float > 0, or a 0-dim float tensor > 0 that may require grad (a learnable
+            temperature; for a CLIP logit scale s pass ``1 / s``).
+        labels: (N,) integer, index of each query's positive key in [0, M). Default arange(N),
+            which needs M >= N: keys past N are hard negatives (supervised SimCSE).
+        similarity: ``"cosine"`` (rows L2-normalised as ``F.normalize`` does, inside the
+            kernel, gradient included) or ``"dot"``.
+            z_ij = sim(q_i, k_j) / temperature; loss_i = logsumexp_j z_ij - z_{i, labels_i}.
+        symmetric: CLIP-style, labels must be None: adds rev_i = logsumexp_j z_ji - z_ii over
+            the first N keys; each query's loss is (loss_i + rev_i) / 2.
+        reduction: ``"mean"`` over queries, ``"sum"``, or ``"none"`` (shape (N,)).
+        gather_distributed: inside an initialised torch.distributed group, score the local
+            queries against the keys of every rank (and, when symmetric, the local keys against
+            every rank's queries), with gradients flowing back to their owners; labels refer to
+            local keys and are offset to the gathered ones. Ranks may hold different N.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+
+    Returns:
+        float32 loss (float64 for float64 input on cpu/torch).
+
+    The triton backend keeps per-row log-sum-exp statistics and recomputes similarity tiles in
+    backward (flash-attention style); cpu and cuda walk blocks of query rows with a bounded
+    (rows x M) buffer. Neither holds the N x M matrix; torch (the reference) does.
+    """
+    check_float_tensor("query", query)
+    check_float_tensor("key", key)
+    check_same_device(query=query, key=key)
+    if query.dim() != 2 or key.dim() != 2 or query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"query must be (N, D) and key (M, D) with one D, got {tuple(query.shape)} and "
+            f"{tuple(key.shape)}"
+        )
+    if key.dtype != query.dtype:
+        raise TypeError(f"query and key must share a dtype, got {query.dtype} and {key.dtype}")
+    if 0 in query.shape or key.shape[0] == 0:
+        raise ValueError(
+            f"need N, M, D >= 1, got query {tuple(query.shape)} and key {tuple(key.shape)}"
+        )
+    check_choice("similarity", similarity, reference.INFO_NCE_SIMILARITIES)
+    check_choice("reduction", reduction, reference.INFO_NCE_REDUCTIONS)
+    count, device = query.shape[0], query.device
+    if symmetric and labels is not None:
+        raise ValueError("symmetric=True pairs query i with key i: pass labels=None")
+    if labels is None and key.shape[0] < count:
+        raise ValueError(
+            f"labels=None pairs query i with key i, so it needs M >= N; got N={count}, "
+            f"M={key.shape[0]}"
+        )
+    temperature = _check_info_nce_temperature(temperature, device)
+    chosen = resolve_backend(backend, device, query.dtype)
+
+    keys, key_offset, queries, query_offset = key, 0, query, 0
+    if gather_distributed:
+        if not distributed.distributed_ready():
+            raise ValueError(
+                "gather_distributed=True needs an initialised torch.distributed process group"
+            )
+        keys, key_offset = distributed.all_gather_with_grad(key)
+        if symmetric:
+            queries, query_offset = distributed.all_gather_with_grad(query)
+    if labels is None:
+        labels = torch.arange(key_offset, key_offset + count, device=device)
+    else:
+        check_row_tensor("labels", labels, torch.Size([count]), device, kind="int")
+        if not torch.compiler.is_compiling() and labels_out_of_range(labels, key.shape[0]):
+            raise ValueError(f"labels must lie in [0, M) = [0, {key.shape[0]})")
+        labels = labels.to(torch.int64) + key_offset
+    cosine = similarity == "cosine"
+    losses = _info_nce_rows(chosen, query, keys, labels, temperature, cosine)
+    if symmetric:
+        reverse_labels = torch.arange(query_offset, query_offset + count, device=device)
+        reverse = _info_nce_rows(chosen, key[:count], queries, reverse_labels, temperature, cosine)
+        losses = (losses + reverse) / 2
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def _check_info_nce_temperature(temperature: object, device: torch.device) -> float | torch.Tensor:
+    """A float > 0, or a 0-dim float tensor > 0 (one host sync for its value check)."""
+    if not isinstance(temperature, torch.Tensor):
+        check_temperature(temperature)
+        return float(temperature)
+    if temperature.dim() != 0 or not temperature.is_floating_point():
+        raise TypeError(
+            "temperature must be a float or a 0-dim float tensor, got a tensor of shape "
+            f"{tuple(temperature.shape)} and dtype {temperature.dtype}"
+        )
+    if not torch.compiler.is_compiling():
+        value = float(temperature.detach())
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"temperature must be a finite number > 0, got {value}")
+    return temperature.to(device)
+
+
+def _info_nce_rows(
+    backend: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float | torch.Tensor,
+    cosine: bool,
+) -> torch.Tensor:
+    """Per-query losses of one direction (N,) on ``backend``."""
+    if backend == "torch":
+        similarity = "cosine" if cosine else "dot"
+        return reference.info_nce_row_losses(query, key, labels, temperature, similarity)
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(dtype)
+    else:
+        temperature = torch.full((), temperature, dtype=dtype, device=query.device)
+    losses, _ = _info_nce_op(backend)(query, key, labels.contiguous(), temperature, cosine)
+    return losses
+
+
+def _info_nce_op(backend: str):
+    if backend == "triton":
+        from kd_kernels.triton import info_nce as triton_info_nce
+
+        return triton_info_nce.info_nce_forward_triton
+    return torch.ops.kd_kernels.info_nce_forward

@@ -8,7 +8,7 @@ import torch
 
 from kd_kernels import functional
 
-__all__ = ["AttentionMSELoss", "HiddenMSELoss", "KDLoss"]
+__all__ = ["AttentionMSELoss", "HiddenMSELoss", "InfoNCELoss", "KDLoss"]
 
 
 class KDLoss(torch.nn.Module):
@@ -109,3 +109,48 @@ class HiddenMSELoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+class InfoNCELoss(torch.nn.Module):
+    """Module form of :func:`kd_kernels.info_nce_loss`.
+
+    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter`` (trained in log
+    space, as CLIP trains its logit scale, so it stays positive).
+    ``forward(query, key, labels=None)``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        similarity: str = "cosine",
+        symmetric: bool = False,
+        reduction: str = "mean",
+        gather_distributed: bool = False,
+        learnable_temperature: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            similarity=similarity,
+            symmetric=symmetric,
+            reduction=reduction,
+            gather_distributed=gather_distributed,
+            backend=backend,
+        )
+        self.temperature = temperature
+        if learnable_temperature:
+            self.log_temperature = torch.nn.Parameter(torch.tensor(float(temperature)).log())
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        temperature = self.temperature
+        if hasattr(self, "log_temperature"):
+            temperature = self.log_temperature.exp()
+        return functional.info_nce_loss(
+            query, key, temperature=temperature, labels=labels, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        options = {"temperature": self.temperature, **self.options}
+        return ", ".join(f"{key}={value!r}" for key, value in options.items())

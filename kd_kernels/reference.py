@@ -241,3 +241,62 @@ def reduce_layers(layer_losses: torch.Tensor, layer_reduction: str) -> torch.Ten
     if layer_reduction == "mean":
         return layer_losses.mean()
     return layer_losses
+
+
+INFO_NCE_SIMILARITIES = ("cosine", "dot")
+INFO_NCE_REDUCTIONS = ("mean", "sum", "none")
+
+
+def info_nce_row_losses(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float | torch.Tensor,
+    similarity: str,
+) -> torch.Tensor:
+    """One direction of InfoNCE: loss_i = logsumexp_j z_ij - z_{i, labels_i}.
+
+    z_ij = sim(q_i, k_j) / temperature, sim = cosine (``F.normalize`` rows, eps 1e-12) or dot.
+    query (N, D), key (M, D), labels (N,) int64 in [0, M). Materialises the N x M matrix.
+    Returns (N,) float32 (float64 for float64 input).
+    """
+    dtype = _compute_dtype(query)
+    q, k = query.to(dtype), key.to(dtype)
+    if similarity == "cosine":
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    logits = q @ k.T / temperature
+    positive = logits.gather(1, labels[:, None]).squeeze(1)
+    return torch.logsumexp(logits, dim=1) - positive
+
+
+def info_nce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 0.05,
+    labels: torch.Tensor | None = None,
+    similarity: str = "cosine",
+    symmetric: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """In-batch InfoNCE (SimCSE, CLIP), the spec of ``kd_kernels.info_nce_loss``.
+
+    labels default to arange(N) (M >= N; keys past N are hard negatives). ``symmetric``
+    (labels None) adds the key-to-query direction over the first N keys,
+    rev_j = logsumexp_i z_ij - z_jj, and each query's loss is (loss_i + rev_i) / 2.
+    ``reduction``: "mean" over queries, "sum", or "none" (N,).
+    """
+    if labels is None:
+        labels = torch.arange(query.shape[0], device=query.device)
+    losses = info_nce_row_losses(query, key, labels, temperature, similarity)
+    if symmetric:
+        count = query.shape[0]
+        reverse = info_nce_row_losses(
+            key[:count], query, torch.arange(count, device=query.device), temperature, similarity
+        )
+        losses = (losses + reverse) / 2
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses

@@ -1,0 +1,388 @@
+"""Triton kernels of in-batch InfoNCE, flash-attention style: O(N + M) memory.
+
+Forward: a program owns BLOCK_N queries and sweeps the keys in BLOCK_M tiles, each tile's
+similarities built from BLOCK_D slices of the embeddings with ``tl.dot`` (fp32 accumulation),
+folding them into a per-row online log-sum-exp. It keeps lse (N,) and nothing of size N x M.
+Backward recomputes the tiles: one kernel accumulates u = W k over the keys for a block of
+queries, another v = W^T q over the queries for a block of keys, where
+W_ij = g_i (softmax(z_i)_j - [j == label_i]) a_i b_j / temperature. The output columns are
+split in BLOCK_DO slices, so for D > BLOCK_DO the tiles are recomputed once per slice.
+The cosine normalisation enters as the row/column scales a_i, b_j and, in the gradient, as
+a projection applied to u and v afterwards (see csrc/info_nce.h for the formulas).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kd_kernels._backend import triton_interpreting
+from kd_kernels._ops import register_info_nce_ops
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default
+
+
+@triton.jit
+def _similarity_tile(
+    q_ptr,
+    k_ptr,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_kn,
+    stride_kd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_M) raw dot products q_i . k_j, fp32, summed over D in BLOCK_D slices."""
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for start in range(0, dim, BLOCK_D):
+        d = start + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        k = tl.load(
+            k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter's bf16 dot is wrong: use fp32 tiles there
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _info_nce_forward_kernel(
+    q_ptr,
+    k_ptr,
+    labels_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    loss_ptr,
+    num_rows,
+    num_keys,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_kn,
+    stride_kd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < num_rows
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    positive = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, num_keys, BLOCK_M):
+        cols = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+        col_ok = cols < num_keys
+        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+        dots = _similarity_tile(
+            q_ptr,
+            k_ptr,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_kn,
+            stride_kd,
+            BLOCK_N,
+            BLOCK_M,
+            BLOCK_D,
+            UPCAST,
+            PRECISION,
+        )
+        z = dots * row_scale[:, None] * col_scale[None, :]
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        positive += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        # A row seen only as -inf so far keeps max -inf; shift by 0 so no -inf - -inf = NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+            tl.exp(z - shift[:, None]), axis=1
+        )
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
+
+
+@triton.jit
+def _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok):
+    """W_ij = g_i (exp(z_ij - lse_i) - [j == label_i]) a_i b_j / t (row_scale holds a_i / t)."""
+    z = dots * row_scale[:, None] * col_scale[None, :]
+    p = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+    w = p * (grad * row_scale)[:, None] * col_scale[None, :]
+    return tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
+
+
+@triton.jit
+def _info_nce_grad_query_kernel(
+    q_ptr,
+    k_ptr,
+    labels_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    grad_ptr,
+    u_ptr,
+    num_rows,
+    num_keys,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_kn,
+    stride_kd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """u[rows, d-slice] = sum over key tiles of W @ k[:, d-slice]."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < num_rows
+    out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_d_ok = out_d < dim
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    u = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    for start in range(0, num_keys, BLOCK_M):
+        cols = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+        col_ok = cols < num_keys
+        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+        dots = _similarity_tile(
+            q_ptr,
+            k_ptr,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_kn,
+            stride_kd,
+            BLOCK_N,
+            BLOCK_M,
+            BLOCK_D,
+            UPCAST,
+            PRECISION,
+        )
+        w = _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok)
+        k = tl.load(
+            k_ptr + cols[:, None] * stride_kn + out_d[None, :] * stride_kd,
+            mask=col_ok[:, None] & out_d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        u = tl.dot(w.to(k.dtype), k, u, input_precision=PRECISION)
+    tl.store(
+        u_ptr + rows[:, None] * dim + out_d[None, :], u, mask=row_ok[:, None] & out_d_ok[None, :]
+    )
+
+
+@triton.jit
+def _info_nce_grad_key_kernel(
+    q_ptr,
+    k_ptr,
+    labels_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    grad_ptr,
+    v_ptr,
+    num_rows,
+    num_keys,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_kn,
+    stride_kd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """v[cols, d-slice] = sum over query tiles of W^T @ q[:, d-slice]."""
+    cols = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col_ok = cols < num_keys
+    out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_d_ok = out_d < dim
+    col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+    v = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    for start in range(0, num_rows, BLOCK_N):
+        rows = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < num_rows
+        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+        dots = _similarity_tile(
+            q_ptr,
+            k_ptr,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            dim,
+            stride_qn,
+            stride_qd,
+            stride_kn,
+            stride_kd,
+            BLOCK_N,
+            BLOCK_M,
+            BLOCK_D,
+            UPCAST,
+            PRECISION,
+        )
+        w = _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok)
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qn + out_d[None, :] * stride_qd,
+            mask=row_ok[:, None] & out_d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        v = tl.dot(tl.trans(w.to(q.dtype)), q, v, input_precision=PRECISION)
+    tl.store(
+        v_ptr + cols[:, None] * dim + out_d[None, :], v, mask=col_ok[:, None] & out_d_ok[None, :]
+    )
+
+
+def _inverse_norms(x: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """a_i = 1 / max(|x_i|, eps) (cosine) or 1 (dot), fp32 (N,)."""
+    if not cosine:
+        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    return norms.clamp_min(NORMALIZE_EPS).reciprocal()
+
+
+def _launch_config(query: torch.Tensor, num_rows: int, num_keys: int, dim: int) -> dict:
+    interpreting = triton_interpreting()
+    # Hopper: 64 x 64 similarity tiles over 64-wide slices of D; the interpreter pays per
+    # program, so it gets the largest tiles the (tiny) test shapes allow.
+    cap = 128 if interpreting else 64
+    return dict(
+        BLOCK_N=max(16, min(cap, triton.next_power_of_2(num_rows))),
+        BLOCK_M=max(16, min(cap, triton.next_power_of_2(num_keys))),
+        BLOCK_D=max(16, min(128 if interpreting else 64, triton.next_power_of_2(dim))),
+        UPCAST=interpreting and query.dtype == torch.bfloat16,
+        # fp32 input stays exact (no TF32); fp16/bf16 use the tensor cores as they are.
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+
+
+def _check_dtype(query: torch.Tensor) -> None:
+    if query.dtype == torch.float64:
+        raise TypeError("info_nce_loss on triton supports float32, float16 and bfloat16")
+
+
+@torch.library.custom_op("kd_kernels::info_nce_forward_triton", mutates_args=())
+def info_nce_forward_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``kd_kernels::info_nce_forward`` (schema in csrc/ops.cpp)."""
+    _check_dtype(query)
+    (num_rows, dim), num_keys = query.shape, key.shape[0]
+    row_scale = _inverse_norms(query, cosine) / temperature
+    col_scale = _inverse_norms(key, cosine)
+    lse = torch.empty(num_rows, dtype=torch.float32, device=query.device)
+    loss = torch.empty_like(lse)
+    config = _launch_config(query, num_rows, num_keys, dim)
+    grid = (triton.cdiv(num_rows, config["BLOCK_N"]),)
+    _info_nce_forward_kernel[grid](
+        query,
+        key,
+        labels,
+        row_scale,
+        col_scale,
+        lse,
+        loss,
+        num_rows,
+        num_keys,
+        dim,
+        *query.stride(),
+        *key.stride(),
+        **config,
+        num_warps=4,
+    )
+    return loss, lse
+
+
+@torch.library.custom_op("kd_kernels::info_nce_backward_triton", mutates_args=())
+def info_nce_backward_triton(
+    grad_loss: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``kd_kernels::info_nce_backward``."""
+    _check_dtype(query)
+    (num_rows, dim), num_keys = query.shape, key.shape[0]
+    inv_q, inv_k = _inverse_norms(query, cosine), _inverse_norms(key, cosine)
+    row_scale = inv_q / temperature
+    grad = grad_loss.to(torch.float32).contiguous()
+    u = torch.empty(num_rows, dim, dtype=torch.float32, device=query.device)
+    v = torch.empty(num_keys, dim, dtype=torch.float32, device=query.device)
+    config = _launch_config(query, num_rows, num_keys, dim)
+    # 256 output columns per program: BERT-base's 768 costs three recomputations of the tiles.
+    block_do = max(16, min(256, triton.next_power_of_2(dim)))
+    args = (query, key, labels, row_scale, inv_k, lse, grad)
+    sizes = (num_rows, num_keys, dim, *query.stride(), *key.stride())
+    grid_q = (triton.cdiv(num_rows, config["BLOCK_N"]), triton.cdiv(dim, block_do))
+    _info_nce_grad_query_kernel[grid_q](*args, u, *sizes, **config, BLOCK_DO=block_do, num_warps=4)
+    grid_k = (triton.cdiv(num_keys, config["BLOCK_M"]), triton.cdiv(dim, block_do))
+    _info_nce_grad_key_kernel[grid_k](*args, v, *sizes, **config, BLOCK_DO=block_do, num_warps=4)
+    q, k = query.to(torch.float32), key.to(torch.float32)
+    q_dot_u, k_dot_v = (q * u).sum(1), (k * v).sum(1)
+    grad_temperature = -q_dot_u.sum() / temperature
+    if cosine:  # through x / max(|x|, eps): project out x where |x| > eps
+        q_live = (inv_q < 1 / NORMALIZE_EPS).to(torch.float32)
+        k_live = (inv_k < 1 / NORMALIZE_EPS).to(torch.float32)
+        u = u - q * (inv_q.square() * q_dot_u * q_live)[:, None]
+        v = v - k * (inv_k.square() * k_dot_v * k_live)[:, None]
+    return u.to(query.dtype), v.to(key.dtype), grad_temperature
+
+
+register_info_nce_ops(
+    "kd_kernels::info_nce_forward_triton",
+    "kd_kernels::info_nce_backward_triton",
+    info_nce_backward_triton,
+)

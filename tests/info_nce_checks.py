@@ -1,0 +1,61 @@
+"""Parity helpers shared by the InfoNCE test tables (CPU and GPU)."""
+
+import torch
+from conftest import GRAD_TOLERANCE, LOSS_TOLERANCE
+
+import kd_kernels as kdk
+
+
+def embeddings(rows, dim, dtype=torch.float32, device="cpu"):
+    return torch.randn(rows, dim).to(device=device, dtype=dtype)
+
+
+def loss_and_grads(backend, query, key, temperature=0.05, grad_seed=1, **options):
+    """The loss and d(loss . w)/d (query, key, temperature) for a fixed random weighting w.
+
+    The temperature is a 0-dim tensor that requires grad, so its gradient is checked too.
+    """
+    query = query.detach().clone().requires_grad_(True)
+    key = key.detach().clone().requires_grad_(True)
+    temperature = torch.tensor(float(temperature), device=query.device, requires_grad=True)
+    loss = kdk.info_nce_loss(query, key, temperature=temperature, backend=backend, **options)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(grad_seed))
+    grads = torch.autograd.grad((loss * weights.to(loss.device)).sum(), (query, key, temperature))
+    return (loss, *grads)
+
+
+def assert_matches_reference(backend, query, key, **options):
+    """Loss, grad query, grad key, grad temperature of ``backend`` against the reference."""
+    ours = loss_and_grads(backend, query, key, **options)
+    expected = loss_and_grads("torch", query, key, **options)
+    dtype = query.dtype
+    assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert ours[1].dtype == dtype and ours[2].dtype == dtype
+    names = ("loss", "grad query", "grad key", "grad temperature")
+    max_logit = _max_abs_logit(query, key, **options)
+    for name, value, reference in zip(names, ours, expected, strict=True):
+        tolerance = dict(LOSS_TOLERANCE[dtype] if name == "loss" else GRAD_TOLERANCE[dtype])
+        if dtype in (torch.float16, torch.bfloat16) and name != "loss":
+            # fp16/bf16 kernels feed the tensor cores the gradient weights in that dtype.
+            tolerance = dict(rtol=2e-2, atol=2e-3)
+        scale = max(1.0, reference.abs().max().item())
+        if name == "grad temperature":
+            # -sum_ij G_ij z_ij / t: each term's rounding is ~eps |z|^2 / t, N of them per row.
+            scale = max(
+                scale, query.shape[0] * max_logit**2 * float(options.get("temperature", 0.05))
+            )
+        tolerance["atol"] *= scale
+        torch.testing.assert_close(
+            value.float(),
+            reference.float(),
+            **tolerance,
+            msg=lambda text, name=name: f"{name}: {text}",
+        )
+    return ours
+
+
+def _max_abs_logit(query, key, temperature=0.05, similarity="cosine", **_):
+    q, k = query.double(), key.double()
+    if similarity == "cosine":
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    return (q @ k.T).abs().max().item() / temperature

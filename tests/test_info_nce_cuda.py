@@ -1,0 +1,43 @@
+"""info_nce_loss on a GPU: the cuda and native triton backends against the reference.
+
+Run on a GPU machine with ``python -m pytest -m cuda``; deselected by default (pyproject.toml).
+"""
+
+import pytest
+import torch
+from conftest import DTYPES, gpu_backends
+from info_nce_checks import assert_matches_reference, embeddings
+
+from kd_kernels import reference
+
+pytestmark = pytest.mark.cuda
+BACKENDS = gpu_backends() if torch.cuda.is_available() else ["cuda", "triton"]
+SHAPES = [(1, 1, 1), (7, 12, 257), (130, 130, 64), (1000, 3000, 768), (4096, 4096, 256)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("similarity", reference.INFO_NCE_SIMILARITIES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one_way", "symmetric"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_matches_reference(backend, dtype, similarity, symmetric, shape):
+    rows, keys, dim = shape
+    query, key = embeddings(rows, dim, dtype, "cuda"), embeddings(keys, dim, dtype, "cuda")
+    temperature = 0.05 if similarity == "cosine" else float(dim) ** 0.5
+    assert_matches_reference(
+        backend,
+        query,
+        key,
+        temperature=temperature,
+        similarity=similarity,
+        symmetric=symmetric,
+        reduction="none",
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_labels_and_non_contiguous(backend):
+    query = embeddings(96, 100, device="cuda").t()  # (100, 96) column-major
+    key = embeddings(50, 192, device="cuda")[:, ::2]
+    labels = torch.randint(0, 50, (100,), device="cuda")
+    assert_matches_reference(backend, query, key, labels=labels, reduction="none")
