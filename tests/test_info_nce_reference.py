@@ -1,5 +1,5 @@
 """The InfoNCE reference (the spec) against gradcheck and sentence-transformers'
-MultipleNegativesRankingLoss / MultipleNegativesSymmetricRankingLoss (scale = 1 / t)."""
+MultipleNegativesRankingLoss, one-way and symmetric (scale = 1 / t)."""
 
 import pytest
 import torch
@@ -36,15 +36,15 @@ def test_gradcheck_fp64(backend, similarity, symmetric):
     assert torch.autograd.gradcheck(loss, (query, key, temperature))
 
 
-def _sentence_transformers_losses():
+def _ranking_loss():
     losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
-    return losses.MultipleNegativesRankingLoss, losses.MultipleNegativesSymmetricRankingLoss
+    return losses.MultipleNegativesRankingLoss
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("hard_negatives", [False, True])
 def test_equals_multiple_negatives_ranking_loss(backend, hard_negatives):
-    ranking_loss, _ = _sentence_transformers_losses()
+    ranking_loss = _ranking_loss()
     anchors, positives = embeddings(16, 32), embeddings(16, 32)
     candidates = [positives] + ([embeddings(16, 32)] if hard_negatives else [])
     temperature = 0.05
@@ -61,11 +61,15 @@ def test_equals_multiple_negatives_ranking_loss(backend, hard_negatives):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_equals_symmetric_ranking_loss(backend):
-    _, symmetric_loss = _sentence_transformers_losses()
-    anchors, positives = embeddings(12, 24), embeddings(12, 24)
-    expected = symmetric_loss(torch.nn.Identity(), scale=20.0).compute_loss_from_embeddings(
-        [anchors, positives], None
+    # MultipleNegativesSymmetricRankingLoss, in the form sentence-transformers now recommends.
+    symmetric_loss = _ranking_loss()(
+        torch.nn.Identity(),
+        scale=20.0,
+        directions=("query_to_doc", "doc_to_query"),
+        partition_mode="per_direction",
     )
+    anchors, positives = embeddings(12, 24), embeddings(12, 24)
+    expected = symmetric_loss.compute_loss_from_embeddings([anchors, positives], None)
     loss = kdk.info_nce_loss(anchors, positives, temperature=0.05, symmetric=True, backend=backend)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     spec = reference.info_nce_loss(anchors, positives, temperature=0.05, symmetric=True)
