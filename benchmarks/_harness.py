@@ -9,6 +9,7 @@ private scratch outside torch's allocator is not seen).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -144,3 +145,47 @@ def markdown_table(rows: list[Measurement], baseline: str) -> str:
             f"| {base.median_ms / r.median_ms:.2f}x | {memory_ratio:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, repeats: int = 5, warmup: int = 2
+) -> None:
+    """--dtype, --device, --repeats, --warmup and --no-save, shared by every benchmark."""
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--no-save", action="store_true", help="print only, write no results")
+
+
+def report(
+    benchmark: str, name: str, args: argparse.Namespace, results: list, table: str, **extra
+) -> dict:
+    """Prints the table and, unless --no-save, writes the run (machine, config, every
+    measurement, how memory was measured) to benchmarks/results/<device>/<name>.json/.md."""
+    print(table)
+    payload = {
+        "benchmark": benchmark,
+        "config": vars(args),
+        "machine": machine_info(args.device),
+        "memory_method": "cuda max_memory_allocated"
+        if args.device == "cuda"
+        else "torch.profiler raw [memory] events: running sum of CPU allocations and frees",
+        "results": results,
+        **extra,
+    }
+    if not args.no_save:
+        print("wrote", write_results(name, args.device, payload, table))
+    return payload
+
+
+def fused_backends(device: str) -> list[str]:
+    """The kd_kernels backends that run on ``device`` here (the reference excluded)."""
+    import kd_kernels
+
+    on_cpu = device == "cpu"
+    return [
+        backend
+        for backend in kd_kernels.available_backends()
+        if backend != "torch" and (backend == "cpu") == on_cpu
+    ]

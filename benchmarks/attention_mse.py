@@ -16,7 +16,13 @@ import argparse
 import torch
 
 import kd_kernels as kdk
-from benchmarks._harness import machine_info, markdown_table, measure, write_results
+from benchmarks._harness import (
+    add_common_arguments,
+    fused_backends,
+    markdown_table,
+    measure,
+    report,
+)
 
 
 def tinybert_loop(students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
@@ -44,9 +50,7 @@ def implementations(device: str, with_compile: bool) -> dict:
     impls = {"TinyBERT loop": tinybert_loop}
     if with_compile:
         impls["torch.compile(TinyBERT loop)"] = torch.compile(tinybert_loop)
-    for backend in kdk.available_backends():
-        if backend == "torch" or (backend == "cpu") != (device == "cpu"):
-            continue
+    for backend in fused_backends(device):
         impls[f"kd_kernels[{backend}]"] = lambda s, t, backend=backend: kdk.attention_mse_loss(
             s, t, backend=backend
         )
@@ -60,12 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(loop)")
-    parser.add_argument("--no-save", action="store_true", help="print only, write no results")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -88,21 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {results[-1].median_ms:.1f} ms, {results[-1].peak_extra_mib:.0f} MiB")
 
     table = markdown_table(results, baseline="TinyBERT loop")
-    print(table)
-    payload = {
-        "benchmark": "attention_mse fwd+bwd",
-        "config": vars(args),
-        "layer_map": {"attention": list(mapping.attention)},
-        "machine": machine_info(args.device),
-        "memory_method": "cuda max_memory_allocated"
-        if args.device == "cuda"
-        else "torch.profiler(profile_memory=True) allocation timeline (tensor memory only)",
-        "results": results,
-    }
-    if not args.no_save:
-        name = f"attention_mse_{args.student_layers}x{args.batch}x{args.heads}x{args.length}"
-        print("wrote", write_results(f"{name}_{args.dtype}", args.device, payload, table))
-    return payload
+    shape = f"{args.student_layers}x{args.batch}x{args.heads}x{args.length}"
+    layers = {"attention": list(mapping.attention)}
+    name = f"attention_mse_{shape}_{args.dtype}"
+    return report("attention_mse fwd+bwd", name, args, results, table, layer_map=layers)
 
 
 if __name__ == "__main__":

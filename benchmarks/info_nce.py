@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 
 import kd_kernels as kdk
-from benchmarks._harness import machine_info, markdown_table, measure, write_results
+from benchmarks._harness import (
+    add_common_arguments,
+    fused_backends,
+    markdown_table,
+    measure,
+    report,
+)
 
 
 def eager_info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,9 +65,7 @@ def peer_implementations(device: str) -> dict:
 
 def implementations(device: str) -> dict:
     impls = {"eager": eager_info_nce, **peer_implementations(device)}
-    for backend in kdk.available_backends():
-        if backend == "torch" or (backend == "cpu") != (device == "cpu"):
-            continue
+    for backend in fused_backends(device):
         impls[f"kd_kernels[{backend}]"] = lambda q, k, t, backend=backend: kdk.info_nce_loss(
             q, k, temperature=t, backend=backend
         )
@@ -72,16 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--temperature", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--eager-limit", type=int, default=16384, help="largest N for the N x N implementations"
     )
     parser.add_argument("--memory-budget-gib", type=float, default=16.0)
-    parser.add_argument("--no-save", action="store_true", help="print only, write no results")
+    add_common_arguments(parser, repeats=3, warmup=1)
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -125,21 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = "\n\n".join(tables)
     table += f"\n\nLargest N measured within {args.memory_budget_gib:g} GiB of extra memory: "
     table += ", ".join(f"{name} {n}" for name, n in largest.items())
-    print(table)
-    payload = {
-        "benchmark": "info_nce fwd+bwd",
-        "config": vars(args),
-        "machine": machine_info(args.device),
-        "memory_method": "cuda max_memory_allocated"
-        if args.device == "cuda"
-        else "torch.profiler(profile_memory=True) allocation timeline (tensor memory only)",
-        "results": rows,
-        "largest_n_within_budget": largest,
-    }
-    if not args.no_save:
-        name = f"info_nce_D{args.dim}_{args.dtype}"
-        print("wrote", write_results(name, args.device, payload, table))
-    return payload
+    name = f"info_nce_D{args.dim}_{args.dtype}"
+    return report("info_nce fwd+bwd", name, args, rows, table, largest_n_within_budget=largest)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import kd_kernels as kdk
-from benchmarks._harness import machine_info, markdown_table, measure, write_results
+from benchmarks._harness import (
+    add_common_arguments,
+    fused_backends,
+    markdown_table,
+    measure,
+    report,
+)
 
 
 def eager_kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -34,9 +40,7 @@ def implementations(device: str, with_compile: bool) -> dict:
     impls = {"eager": eager_kd_loss}
     if with_compile:
         impls["torch.compile(eager)"] = torch.compile(eager_kd_loss)
-    for backend in kdk.available_backends():
-        if backend == "torch" or (backend == "cpu") != (device == "cpu"):
-            continue
+    for backend in fused_backends(device):
         impls[f"kd_kernels[{backend}]"] = lambda s, p, t, backend=backend: kdk.kd_loss(
             s, p, temperature=t, backend=backend
         )
@@ -47,13 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--classes", type=int, default=32000)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(eager)")
-    parser.add_argument("--no-save", action="store_true", help="print only, write no results")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -73,20 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {results[-1].median_ms:.1f} ms, {results[-1].peak_extra_mib:.0f} MiB")
 
     table = markdown_table(results, baseline="eager")
-    print(table)
-    payload = {
-        "benchmark": "kd_loss fwd+bwd",
-        "config": vars(args),
-        "machine": machine_info(args.device),
-        "memory_method": "cuda max_memory_allocated"
-        if args.device == "cuda"
-        else "torch.profiler(profile_memory=True) allocation timeline (tensor memory only)",
-        "results": results,
-    }
-    if not args.no_save:
-        name = f"kd_loss_{args.rows}x{args.classes}_{args.dtype}"
-        print("wrote", write_results(name, args.device, payload, table))
-    return payload
+    name = f"kd_loss_{args.rows}x{args.classes}_{args.dtype}"
+    return report("kd_loss fwd+bwd", name, args, results, table)
 
 
 if __name__ == "__main__":

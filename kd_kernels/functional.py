@@ -452,11 +452,7 @@ def info_nce_loss(
         reverse_labels = torch.arange(query_offset, query_offset + count, device=device)
         reverse = _info_nce_rows(chosen, key[:count], queries, reverse_labels, temperature, cosine)
         losses = (losses + reverse) / 2
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
+    return reference.reduce_queries(losses, reduction)
 
 
 def _check_info_nce_temperature(temperature: object, device: torch.device) -> float | torch.Tensor:

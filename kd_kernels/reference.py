@@ -295,6 +295,11 @@ def info_nce_loss(
             key[:count], query, torch.arange(count, device=query.device), temperature, similarity
         )
         losses = (losses + reverse) / 2
+    return reduce_queries(losses, reduction)
+
+
+def reduce_queries(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"mean"`` over queries, ``"sum"``, or ``"none"`` (the (N,) vector)."""
     if reduction == "mean":
         return losses.mean()
     if reduction == "sum":

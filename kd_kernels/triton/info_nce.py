@@ -140,6 +140,60 @@ def _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok
 
 
 @triton.jit
+def _gradient_tile(
+    q_ptr,
+    k_ptr,
+    labels_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    grad_ptr,
+    rows,
+    cols,
+    num_rows,
+    num_keys,
+    dim,
+    stride_qn,
+    stride_qd,
+    stride_kn,
+    stride_kd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The (BLOCK_N, BLOCK_M) tile of W for queries ``rows`` and keys ``cols``, recomputed
+    from the embeddings and the forward's per-query statistics."""
+    row_ok = rows < num_rows
+    col_ok = cols < num_keys
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+    dots = _similarity_tile(
+        q_ptr,
+        k_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        dim,
+        stride_qn,
+        stride_qd,
+        stride_kn,
+        stride_kd,
+        BLOCK_N,
+        BLOCK_M,
+        BLOCK_D,
+        UPCAST,
+        PRECISION,
+    )
+    return _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok)
+
+
+@triton.jit
 def _info_nce_grad_query_kernel(
     q_ptr,
     k_ptr,
@@ -165,25 +219,23 @@ def _info_nce_grad_query_kernel(
 ):
     """u[rows, d-slice] = sum over key tiles of W @ k[:, d-slice]."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < num_rows
     out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d_ok = out_d < dim
-    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
     u = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
     for start in range(0, num_keys, BLOCK_M):
         cols = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
-        col_ok = cols < num_keys
-        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
-        dots = _similarity_tile(
+        w = _gradient_tile(
             q_ptr,
             k_ptr,
+            labels_ptr,
+            row_scale_ptr,
+            col_scale_ptr,
+            lse_ptr,
+            grad_ptr,
             rows,
             cols,
-            row_ok,
-            col_ok,
+            num_rows,
+            num_keys,
             dim,
             stride_qn,
             stride_qd,
@@ -195,17 +247,18 @@ def _info_nce_grad_query_kernel(
             UPCAST,
             PRECISION,
         )
-        w = _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok)
         k = tl.load(
             k_ptr + cols[:, None] * stride_kn + out_d[None, :] * stride_kd,
-            mask=col_ok[:, None] & out_d_ok[None, :],
+            mask=(cols < num_keys)[:, None] & out_d_ok[None, :],
             other=0.0,
         )
         if UPCAST:
             k = k.to(tl.float32)
         u = tl.dot(w.to(k.dtype), k, u, input_precision=PRECISION)
     tl.store(
-        u_ptr + rows[:, None] * dim + out_d[None, :], u, mask=row_ok[:, None] & out_d_ok[None, :]
+        u_ptr + rows[:, None] * dim + out_d[None, :],
+        u,
+        mask=(rows < num_rows)[:, None] & out_d_ok[None, :],
     )
 
 
@@ -235,25 +288,23 @@ def _info_nce_grad_key_kernel(
 ):
     """v[cols, d-slice] = sum over query tiles of W^T @ q[:, d-slice]."""
     cols = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    col_ok = cols < num_keys
     out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d_ok = out_d < dim
-    col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
     v = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
     for start in range(0, num_rows, BLOCK_N):
         rows = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        row_ok = rows < num_rows
-        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
-        dots = _similarity_tile(
+        w = _gradient_tile(
             q_ptr,
             k_ptr,
+            labels_ptr,
+            row_scale_ptr,
+            col_scale_ptr,
+            lse_ptr,
+            grad_ptr,
             rows,
             cols,
-            row_ok,
-            col_ok,
+            num_rows,
+            num_keys,
             dim,
             stride_qn,
             stride_qd,
@@ -265,17 +316,18 @@ def _info_nce_grad_key_kernel(
             UPCAST,
             PRECISION,
         )
-        w = _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok)
         q = tl.load(
             q_ptr + rows[:, None] * stride_qn + out_d[None, :] * stride_qd,
-            mask=row_ok[:, None] & out_d_ok[None, :],
+            mask=(rows < num_rows)[:, None] & out_d_ok[None, :],
             other=0.0,
         )
         if UPCAST:
             q = q.to(tl.float32)
         v = tl.dot(tl.trans(w.to(q.dtype)), q, v, input_precision=PRECISION)
     tl.store(
-        v_ptr + cols[:, None] * dim + out_d[None, :], v, mask=col_ok[:, None] & out_d_ok[None, :]
+        v_ptr + cols[:, None] * dim + out_d[None, :],
+        v,
+        mask=(cols < num_keys)[:, None] & out_d_ok[None, :],
     )
 
 
