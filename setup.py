@@ -56,7 +56,8 @@ def extension():
 
 
 setup(
-    packages=["kd_kernels", "kd_kernels.triton", "kd_trainers"],
+    # benchmarks ships so that the kd-bench console script runs outside the checkout too.
+    packages=["kd_kernels", "kd_kernels.triton", "kd_trainers", "benchmarks"],
     package_dir={"kd_kernels": "kd_kernels", "kd_trainers": "python/kd_trainers"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

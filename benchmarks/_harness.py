@@ -22,6 +22,25 @@ import torch
 
 
 @dataclass
+class OpSuite:
+    """One op's part of the benchmark suite (``python -m benchmarks``).
+
+    cases(device, quick): [(label, x, make_inputs)], x the size the plots put on their axis.
+    implementations(device, quick): ({name: fn(*inputs) -> loss}, {name: why it is skipped}).
+    differentiable(inputs): the inputs that get gradients in fwd+bwd.
+    traffic_bytes(inputs): the bytes an ideal fwd+bwd moves (memory-bound ops; GB/s on GPU),
+    flops(inputs): or its floating-point work (compute-bound ops; TFLOP/s on GPU).
+    """
+
+    op: str
+    cases: Callable
+    implementations: Callable
+    differentiable: Callable
+    traffic_bytes: Callable | None = None
+    flops: Callable | None = None
+
+
+@dataclass
 class Measurement:
     name: str
     median_ms: float

@@ -17,12 +17,14 @@ import torch
 
 import kd_kernels as kdk
 from benchmarks._harness import (
+    OpSuite,
     add_common_arguments,
     fused_backends,
     markdown_table,
     measure,
     report,
 )
+from benchmarks._peers import textbrewer_losses
 
 
 def tinybert_loop(students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
@@ -96,3 +98,60 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# The suite (python -m benchmarks): 1-12 matched layers, L = 128-512.
+def _suite_cases(device: str, quick: bool) -> list:
+    if quick:
+        shapes = [(1, 2, 2, 32), (4, 2, 2, 32)]
+    elif device == "cpu":
+        shapes = [(1, 32, 12, 128), (4, 32, 12, 128), (12, 32, 12, 128), (4, 8, 12, 512)]
+    else:
+        shapes = [(1, 32, 12, 128), (4, 32, 12, 128), (12, 32, 12, 128), (4, 32, 12, 512)]
+
+    def make(layers, batch, heads, length):
+        def inputs(dtype, device):
+            generator = torch.Generator().manual_seed(0)
+            shape = (batch, heads, length)
+            students = bert_like_scores(layers, *shape, dtype, device, generator)
+            teachers = bert_like_scores(layers, *shape, dtype, device, generator)
+            return [s.requires_grad_() for s in students], teachers
+
+        return inputs
+
+    return [
+        (f"{n} layers B={b} H={h} L={length}", n * b * h * length * length, make(n, b, h, length))
+        for n, b, h, length in shapes
+    ]
+
+
+def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
+    impls, skipped = {"TinyBERT loop": tinybert_loop}, {}
+    if quick:
+        skipped["torch.compile(TinyBERT loop)"] = "not in --quick (compilation dominates)"
+    else:
+        impls["torch.compile(TinyBERT loop)"] = torch.compile(tinybert_loop)
+    try:
+        att_mse_loss = textbrewer_losses().att_mse_loss
+
+        def textbrewer_loop(students, teachers):
+            return sum(att_mse_loss(s, t) for s, t in zip(students, teachers, strict=True))
+
+        impls["TextBrewer att_mse_loss"] = textbrewer_loop
+    except ImportError as error:
+        skipped["TextBrewer att_mse_loss"] = str(error)
+    for backend in fused_backends(device):
+        impls[f"kd_kernels[{backend}]"] = lambda s, t, backend=backend: kdk.attention_mse_loss(
+            s, t, backend=backend
+        )
+    return impls, skipped
+
+
+SUITE = OpSuite(
+    op="attention_mse",
+    cases=_suite_cases,
+    implementations=_suite_implementations,
+    differentiable=lambda inputs: inputs[0],
+    # Ideal fwd+bwd: read every student and teacher map once, write the gradient once.
+    traffic_bytes=lambda inputs: 3 * sum(s.numel() * s.element_size() for s in inputs[0]),
+)

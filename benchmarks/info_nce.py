@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import kd_kernels as kdk
 from benchmarks._harness import (
+    OpSuite,
     add_common_arguments,
     fused_backends,
     markdown_table,
@@ -131,3 +132,118 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# The suite (python -m benchmarks): N up to 32k on the CPU, 1M on a GPU; one-way and symmetric.
+SUITE_TEMPERATURE = 0.05
+# The N x N implementations (eager, MNRL) hold several N x N fp32 matrices: cap their N.
+QUADRATIC_MAX_N = {"cpu": 16384, "cuda": 65536}
+
+
+def _suite_cases(device: str, quick: bool) -> list:
+    if quick:
+        cases = [(64, 32, False), (256, 32, False), (256, 32, True)]
+    elif device == "cpu":
+        cases = [(1024, 768, False), (4096, 768, False), (4096, 768, True), (16384, 768, False)]
+        cases.append((32768, 768, False))
+    else:
+        sizes = (4096, 16384, 65536, 262144, 1048576)
+        cases = [(n, 768, False) for n in sizes] + [(65536, 768, True)]
+
+    def make(rows, dim, symmetric):
+        def inputs(dtype, device):
+            generator = torch.Generator().manual_seed(0)
+            query = torch.randn(rows, dim, generator=generator).to(device, dtype)
+            key = torch.randn(rows, dim, generator=generator).to(device, dtype)
+            return query.requires_grad_(), key.requires_grad_(), symmetric
+
+        return inputs
+
+    return [
+        (f"N={n} D={d}{' symmetric' if sym else ''}", n, make(n, d, sym)) for n, d, sym in cases
+    ]
+
+
+def _eager_pair(query, key, symmetric):
+    logits = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).T / SUITE_TEMPERATURE
+    labels = torch.arange(query.shape[0], device=query.device)
+    loss = F.cross_entropy(logits.float(), labels)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.float().T, labels)) / 2
+    return loss
+
+
+def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
+    impls, skipped = {"eager": _eager_pair}, {}
+    if quick:
+        skipped["torch.compile(eager)"] = "not in --quick (compilation dominates)"
+    else:
+        impls["torch.compile(eager)"] = torch.compile(_eager_pair)
+    try:
+        from sentence_transformers.sentence_transformer.losses import (
+            MultipleNegativesRankingLoss,
+        )
+
+        one_way = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / SUITE_TEMPERATURE)
+        both_ways = MultipleNegativesRankingLoss(
+            torch.nn.Identity(),
+            scale=1 / SUITE_TEMPERATURE,
+            directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction",
+        )
+
+        def ranking_loss(query, key, symmetric):
+            loss = both_ways if symmetric else one_way
+            return loss.compute_loss_from_embeddings([query, key], None)
+
+        impls["sentence-transformers MNRL"] = ranking_loss
+    except ImportError as error:
+        skipped["sentence-transformers MNRL"] = str(error)
+    skipped["sentence-transformers CachedMNRL"] = (
+        "re-encodes mini-batches with its SentenceTransformer model: it is not a loss on "
+        "given embeddings, so it belongs in a training benchmark"
+    )
+    if device == "cuda":
+        try:
+            from inf_cl import cal_inf_loss
+
+            def inf_cl(query, key, symmetric):
+                q, k = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+                loss = cal_inf_loss(q, k, scale=1 / SUITE_TEMPERATURE).mean()
+                if symmetric:
+                    loss = (loss + cal_inf_loss(k, q, scale=1 / SUITE_TEMPERATURE).mean()) / 2
+                return loss
+
+            impls["Inf-CL"] = inf_cl
+        except ImportError as error:
+            skipped["Inf-CL"] = f"inf_cl not installed ({error})"
+    else:
+        skipped["Inf-CL"] = "CUDA only"
+    for name in ("eager", "torch.compile(eager)", "sentence-transformers MNRL"):
+        if name in impls:
+            impls[name] = _capped(impls[name], QUADRATIC_MAX_N[device])
+    for backend in fused_backends(device):
+        impls[f"kd_kernels[{backend}]"] = lambda q, k, sym, backend=backend: kdk.info_nce_loss(
+            q, k, temperature=SUITE_TEMPERATURE, symmetric=sym, backend=backend
+        )
+    return impls, skipped
+
+
+def _capped(fn, max_rows: int):
+    """Marks an N x N implementation: the suite skips it for N above ``max_rows``."""
+
+    def capped(query, key, symmetric):
+        return fn(query, key, symmetric)
+
+    capped.max_x = max_rows
+    return capped
+
+
+SUITE = OpSuite(
+    op="info_nce",
+    cases=_suite_cases,
+    implementations=_suite_implementations,
+    differentiable=lambda inputs: [inputs[0], inputs[1]],
+    # fwd+bwd: the similarity matmul and the two gradient matmuls, 2 N M D flops each.
+    flops=lambda inputs: 6 * inputs[0].shape[0] * inputs[1].shape[0] * inputs[0].shape[1],
+)

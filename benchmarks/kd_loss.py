@@ -16,12 +16,14 @@ import torch.nn.functional as F
 
 import kd_kernels as kdk
 from benchmarks._harness import (
+    OpSuite,
     add_common_arguments,
     fused_backends,
     markdown_table,
     measure,
     report,
 )
+from benchmarks._peers import textbrewer_losses
 
 
 def eager_kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -79,3 +81,85 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# The suite (python -m benchmarks): GLUE heads, where launches and syncs dominate, up to LLM
+# vocabularies.
+SUITE_TEMPERATURE = 2.0
+
+
+def _suite_cases(device: str, quick: bool) -> list:
+    if quick:
+        sizes = [(32, 2), (256, 1000)]
+    elif device == "cpu":
+        sizes = [(32, 2), (256, 3), (1024, 32000), (4096, 32000), (2048, 128256)]
+    else:
+        sizes = [(32, 2), (256, 3), (4096, 32000), (8192, 128256), (16384, 128256), (4096, 256000)]
+
+    def make(rows, classes):
+        def inputs(dtype, device):
+            generator = torch.Generator().manual_seed(0)
+            student = torch.randn(rows, classes, generator=generator) * 3
+            teacher = torch.randn(rows, classes, generator=generator) * 3
+            return student.to(device, dtype).requires_grad_(), teacher.to(device, dtype)
+
+        return inputs
+
+    return [(f"N={n} C={c}", n * c, make(n, c)) for n, c in sizes]
+
+
+def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
+    t = SUITE_TEMPERATURE
+    impls = {"eager": lambda s, p: eager_kd_loss(s, p, t)}
+    skipped = {}
+    if quick:
+        skipped["torch.compile(eager)"] = "not in --quick (compilation dominates small runs)"
+    else:
+        compiled = torch.compile(eager_kd_loss)
+        impls["torch.compile(eager)"] = lambda s, p: compiled(s, p, t)
+    try:
+        kd_ce_loss = textbrewer_losses().kd_ce_loss
+        impls["TextBrewer kd_ce_loss"] = lambda s, p: kd_ce_loss(s, p, t)
+    except ImportError as error:
+        skipped["TextBrewer kd_ce_loss"] = str(error)
+    impls.update(_liger_implementations(device, skipped))
+    for backend in fused_backends(device):
+        impls[f"kd_kernels[{backend}]"] = lambda s, p, backend=backend: kdk.kd_loss(
+            s, p, temperature=t, backend=backend
+        )
+    return impls, skipped
+
+
+def _liger_implementations(device: str, skipped: dict) -> dict:
+    names = ("Liger KLDiv", "Liger JSD")
+    if device != "cuda":
+        for name in names:
+            skipped[name] = "Triton kernels: on the CPU they would time the Triton interpreter"
+        return {}
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    except ImportError as error:
+        for name in names:
+            skipped[name] = f"liger-kernel not installed ({error})"
+        return {}
+    t = SUITE_TEMPERATURE
+    kl_div, jsd = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerJSD(beta=0.5)
+
+    def liger_kl(student, teacher):
+        log_p_s = F.log_softmax(student.float() / t, dim=-1)
+        return kl_div(log_p_s, F.log_softmax(teacher.float() / t, dim=-1)) * t * t
+
+    def liger_jsd(student, teacher):
+        return jsd(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1))
+
+    return {names[0]: liger_kl, names[1]: liger_jsd}
+
+
+SUITE = OpSuite(
+    op="kd_loss",
+    cases=_suite_cases,
+    implementations=_suite_implementations,
+    differentiable=lambda inputs: [inputs[0]],
+    # Ideal fwd+bwd: read student and teacher once, write the gradient once.
+    traffic_bytes=lambda inputs: 3 * inputs[0].numel() * inputs[0].element_size(),
+)
