@@ -3,10 +3,11 @@
     python -m benchmarks.info_nce                          # CPU: N = 1k .. 32k, D = 768, fp32
     python -m benchmarks.info_nce --device cuda --dtype bfloat16 --sizes 4096 16384 65536 262144
 
-Implementations: the eager formulation (``cross_entropy(normalize(q) @ normalize(k).T / t)``,
-an N x N matrix, run while N x N fits the --eager-limit), sentence-transformers'
-MultipleNegativesRankingLoss on the embeddings where it installs, Inf-CL on a GPU where it
-installs, and the fused backends. Each N is a fresh measurement of every implementation; an
+Implementations (one-way, t = 0.05): the eager formulation
+(``cross_entropy(normalize(q) @ normalize(k).T / t)``, an N x N matrix, run while N x N fits
+the --eager-limit), sentence-transformers' MultipleNegativesRankingLoss on the embeddings where
+it installs, Inf-CL on a GPU where it installs, and the fused backends (torch.compile: in the
+suite, ``python -m benchmarks``). Each N is a fresh measurement of every implementation; an
 implementation that runs out of memory is recorded as such and not run at larger N.
 On a GPU, ``--memory-budget-gib`` (default 16) reports the largest N each one fits in.
 """
@@ -29,47 +30,11 @@ from benchmarks._harness import (
 )
 
 
-def eager_info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).T / temperature
-    labels = torch.arange(query.shape[0], device=query.device)
-    return F.cross_entropy(logits.float(), labels)
-
-
-def peer_implementations(device: str) -> dict:
-    peers = {}
-    try:
-        from sentence_transformers.sentence_transformer.losses import (
-            MultipleNegativesRankingLoss,
-        )
-
-        def ranking_loss(query, key, temperature):
-            loss = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / temperature)
-            return loss.compute_loss_from_embeddings([query, key], None)
-
-        peers["sentence-transformers MNRL"] = ranking_loss
-    except ImportError as error:
-        print(f"skip sentence-transformers: {error}")
-    if device == "cuda":
-        try:
-            from inf_cl import cal_inf_loss
-
-            def inf_cl(query, key, temperature):
-                return cal_inf_loss(
-                    F.normalize(query, dim=-1), F.normalize(key, dim=-1), scale=1 / temperature
-                ).mean()
-
-            peers["Inf-CL"] = inf_cl
-        except ImportError as error:
-            print(f"skip Inf-CL: {error}")
-    return peers
-
-
 def implementations(device: str) -> dict:
-    impls = {"eager": eager_info_nce, **peer_implementations(device)}
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda q, k, t, backend=backend: kdk.info_nce_loss(
-            q, k, temperature=t, backend=backend
-        )
+    """The suite's implementations (one-way, t = 0.05) with the standalone signature."""
+    impls, skipped = _suite_implementations(device, quick=True)
+    for name, reason in skipped.items():
+        print(f"skip {name}: {reason}")
     return impls
 
 
@@ -77,7 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument(
         "--eager-limit", type=int, default=16384, help="largest N for the N x N implementations"
     )
@@ -88,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     impls = implementations(args.device)
-    quadratic = {"eager", "sentence-transformers MNRL"}
     failed: set[str] = set()
     rows, tables = [], []
     for size in args.sizes:
@@ -98,11 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
         key.requires_grad_(True)
         results = []
         for name, loss_fn in impls.items():
-            if name in failed or (name in quadratic and size > args.eager_limit):
+            quadratic = hasattr(loss_fn, "max_x")
+            if name in failed or (quadratic and size > args.eager_limit):
                 continue
 
             def step(loss_fn=loss_fn, query=query, key=key):
-                loss = loss_fn(query, key, args.temperature)
+                loss = loss_fn(query, key, False)
                 return torch.autograd.grad(loss, (query, key))
 
             try:
@@ -180,17 +144,7 @@ def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
     else:
         impls["torch.compile(eager)"] = torch.compile(_eager_pair)
     try:
-        from sentence_transformers.sentence_transformer.losses import (
-            MultipleNegativesRankingLoss,
-        )
-
-        one_way = MultipleNegativesRankingLoss(torch.nn.Identity(), scale=1 / SUITE_TEMPERATURE)
-        both_ways = MultipleNegativesRankingLoss(
-            torch.nn.Identity(),
-            scale=1 / SUITE_TEMPERATURE,
-            directions=("query_to_doc", "doc_to_query"),
-            partition_mode="per_direction",
-        )
+        one_way, both_ways = _ranking_losses()
 
         def ranking_loss(query, key, symmetric):
             loss = both_ways if symmetric else one_way
@@ -227,6 +181,30 @@ def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
             q, k, temperature=SUITE_TEMPERATURE, symmetric=sym, backend=backend
         )
     return impls, skipped
+
+
+def _ranking_losses():
+    """sentence-transformers' MNRL, one-way and symmetric, in the API of 6.2 or of 6.0."""
+    scale = 1 / SUITE_TEMPERATURE
+    try:
+        from sentence_transformers.sentence_transformer.losses import (
+            MultipleNegativesRankingLoss,
+        )
+
+        both_ways = MultipleNegativesRankingLoss(
+            torch.nn.Identity(),
+            scale=scale,
+            directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction",
+        )
+    except (ImportError, TypeError):  # 6.0: the old module and the symmetric class
+        from sentence_transformers.losses import (
+            MultipleNegativesRankingLoss,
+            MultipleNegativesSymmetricRankingLoss,
+        )
+
+        both_ways = MultipleNegativesSymmetricRankingLoss(torch.nn.Identity(), scale=scale)
+    return MultipleNegativesRankingLoss(torch.nn.Identity(), scale=scale), both_ways
 
 
 def _capped(fn, max_rows: int):

@@ -163,42 +163,52 @@ def markdown(payload: dict) -> str:
 
 
 def plots(payload: dict, folder: str) -> list[str]:
-    """Time and peak memory against size, one line per implementation, per op and mode."""
+    """One PNG per mode: a row per op, time and peak memory against size, a line per
+    implementation (two files, so a GPU run's results fit the few files it may return)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    series: dict[tuple, dict[str, list]] = {}
+    series: dict[str, dict[str, dict[str, list]]] = {}
     for row in payload["results"]:
         if row.get("out_of_memory"):
             continue
-        lines = series.setdefault((row["op"], row["mode"]), {})
+        lines = series.setdefault(row["mode"], {}).setdefault(row["op"], {})
         point = (row["x"], row["median_ms"], row["peak_extra_mib"])
         lines.setdefault(row["name"], []).append(point)
-    for (op, mode), lines in series.items():
-        figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, points in lines.items():
-            points.sort()
-            xs = [p[0] for p in points]
-            time_axis.plot(xs, [p[1] for p in points], marker="o", label=name)
-            memory_axis.plot(xs, [max(p[2], 1e-3) for p in points], marker="o", label=name)
-        for axis, ylabel in ((time_axis, "median ms"), (memory_axis, "peak extra MiB")):
-            axis.set_xscale("log")
-            axis.set_yscale("log")
-            axis.set_xlabel("elements (size)")
-            axis.set_ylabel(ylabel)
-            axis.grid(True, alpha=0.3)
-        time_axis.legend(fontsize=7)
-        config = payload["config"]
-        figure.suptitle(f"{op} {mode} ({config['device']}, {config['dtype']})")
+    config, written = payload["config"], []
+    for mode, ops in series.items():
+        figure, axes = plt.subplots(len(ops), 2, figsize=(12, 3.6 * len(ops)), squeeze=False)
+        for (op, lines), (time_axis, memory_axis) in zip(ops.items(), axes, strict=True):
+            for name, points in lines.items():
+                points.sort()
+                xs = [p[0] for p in points]
+                time_axis.plot(xs, [p[1] for p in points], marker="o", label=name)
+                memory_axis.plot(xs, [max(p[2], 1e-3) for p in points], marker="o", label=name)
+            for axis, ylabel in ((time_axis, "median ms"), (memory_axis, "peak extra MiB")):
+                axis.set_xscale("log")
+                axis.set_yscale("log")
+                axis.set_xlabel(_X_LABELS.get(op, "size"))
+                axis.set_ylabel(ylabel)
+                axis.set_title(f"{op}, {mode}", fontsize=9)
+                axis.grid(True, alpha=0.3)
+            time_axis.legend(fontsize=7)
+        figure.suptitle(f"kd_kernels suite on {config['device']}, {config['dtype']}")
         figure.tight_layout()
-        path = os.path.join(folder, f"suite_{op}_{mode.replace('+', '_')}.png")
-        figure.savefig(path, dpi=90)
+        path = os.path.join(folder, f"suite_{mode.replace('+', '_')}.png")
+        figure.savefig(path, dpi=80)
         plt.close(figure)
         written.append(path)
     return written
+
+
+_X_LABELS = {
+    "kd_loss": "logits N x C",
+    "attention_mse": "attention-map entries, all layers",
+    "hidden_mse": "hidden-state entries, all layers",
+    "info_nce": "batch size N",
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
