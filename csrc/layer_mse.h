@@ -1,15 +1,18 @@
 // Shared declarations of the fused layer MSE (TinyBERT attention-map and hidden-state MSE):
-// the per-layer input checks and the device-independent wrapper that allocates the outputs
-// and calls a device's core.
+// the per-layer input checks and the device-independent wrappers that allocate the outputs
+// and call a device's core.
 //
 // Semantics (see kd_kernels/reference.py, the spec). Layer l holds student and teacher views of
 // shape (B, H, R, C): attention scores (B, heads, Lq, Lk) or hidden states (B, 1, L, D).
 //   s' = (s <= threshold ? 0 : s), t' likewise (no replacement when threshold is None)
 //   counted(b, h, r, c) = mask is None or (mask[b, r] and (!mask_columns or mask[b, c]))
-//   row_sq_sum[(l, b, h, r)] = sum_c counted * (s' - t')^2                 (accumulation type)
-//   half_grad[l][b, h, r, c] = counted ? (s <= threshold ? 0 : s' - t') : 0  (student dtype)
-// half_grad is (1/2) d row_sq_sum / d s. Uncounted elements are never read into the sums, so
-// NaN padding does not leak; a counted NaN gives a NaN row sum and a NaN half_grad there.
+//   forward:  row_sq_sum[(l, b, h, r)] = sum_c counted * (s' - t')^2        (accumulation type)
+//   backward: grad[l][b, h, r, c] = 2 g[(l, b, h, r)] (counted ? (s <= threshold ? 0 : s' - t')
+//             : 0), with g = d out / d row_sq_sum                             (student dtype)
+// The gradient is recomputed from s and t in backward rather than written in forward: one
+// gradient-sized buffer at the peak instead of two (forward's and its scaled copy), for the
+// same traffic. Uncounted elements are never read, so NaN padding does not leak; a counted NaN
+// gives a NaN row sum and a NaN gradient there.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,29 +70,50 @@ inline int64_t layer_mse_total_rows(const at::TensorList& student) {
   return rows;
 }
 
-// A device core fills row_sq_sum and, when need_grad, every half_grad[l] (contiguous, like
-// student[l]). It runs every layer in one launch (or one parallel region).
+// A device core runs every layer in one launch (or one parallel region). Forward (grad_rows
+// undefined): fills row_sq_sum. Backward (grad_rows defined, contiguous, the sums' dtype):
+// fills every grad[l] (contiguous, like student[l]).
 using LayerMSECore = void (*)(const at::TensorList& student, const at::TensorList& teacher,
                               const std::optional<at::Tensor>& mask,
-                              const LayerMSEOptions& options, at::Tensor& row_sq_sum,
-                              std::vector<at::Tensor>& half_grad);
+                              const LayerMSEOptions& options, const at::Tensor& grad_rows,
+                              at::Tensor& row_sq_sum, std::vector<at::Tensor>& grad);
 
-// kd_kernels::layer_mse_forward: returns (row_sq_sum, half_grad per layer, or an empty list).
+inline at::ScalarType layer_mse_sum_dtype(const at::TensorList& student) {
+  return student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// kd_kernels::layer_mse_forward: the per-row sums of squared differences of all layers.
 template <LayerMSECore core>
-std::tuple<at::Tensor, std::vector<at::Tensor>> layer_mse_forward(
-    at::TensorList student, at::TensorList teacher, const std::optional<at::Tensor>& mask,
-    std::optional<double> threshold, bool mask_columns, bool need_grad) {
+at::Tensor layer_mse_forward(at::TensorList student, at::TensorList teacher,
+                             const std::optional<at::Tensor>& mask,
+                             std::optional<double> threshold, bool mask_columns) {
   check_layer_mse_inputs(student, teacher, mask, mask_columns);
-  const auto sum_dtype = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto row_sq_sum =
-      at::empty({layer_mse_total_rows(student)}, student[0].options().dtype(sum_dtype));
-  std::vector<at::Tensor> half_grad;
-  if (need_grad) {
-    for (const auto& s : student) half_grad.push_back(at::empty(s.sizes(), s.options()));
-  }
+  auto row_sq_sum = at::empty({layer_mse_total_rows(student)},
+                              student[0].options().dtype(layer_mse_sum_dtype(student)));
   const LayerMSEOptions options{threshold.has_value(), threshold.value_or(0.0), mask_columns};
-  if (row_sq_sum.numel() > 0) core(student, teacher, mask, options, row_sq_sum, half_grad);
-  return {row_sq_sum, half_grad};
+  std::vector<at::Tensor> no_grad;
+  if (row_sq_sum.numel() > 0) core(student, teacher, mask, options, {}, row_sq_sum, no_grad);
+  return row_sq_sum;
+}
+
+// kd_kernels::layer_mse_backward: d (grad_rows . row_sq_sum) / d student[l] for every layer.
+template <LayerMSECore core>
+std::vector<at::Tensor> layer_mse_backward(const at::Tensor& grad_rows, at::TensorList student,
+                                           at::TensorList teacher,
+                                           const std::optional<at::Tensor>& mask,
+                                           std::optional<double> threshold, bool mask_columns) {
+  check_layer_mse_inputs(student, teacher, mask, mask_columns);
+  const int64_t rows = layer_mse_total_rows(student);
+  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == rows,
+                    "layer_mse op: grad_rows must be (", rows, ",), got ", grad_rows.sizes());
+  const auto grad_c =
+      grad_rows.to(student[0].device(), layer_mse_sum_dtype(student)).contiguous();
+  std::vector<at::Tensor> grad;
+  for (const auto& s : student) grad.push_back(at::empty(s.sizes(), s.options()));
+  const LayerMSEOptions options{threshold.has_value(), threshold.value_or(0.0), mask_columns};
+  at::Tensor no_sums;
+  if (rows > 0) core(student, teacher, mask, options, grad_c, no_sums, grad);
+  return grad;
 }
 
 }  // namespace kd_kernels

@@ -19,12 +19,15 @@ TORCH_LIBRARY(kd_kernels, m) {
   // Fused masked MSE of matched layers (TinyBERT attention maps and hidden states), every layer
   // in one launch. student[l], teacher[l]: (B, H, R, C) with a unit last-dim stride; mask (B, R)
   // bool; entries <= threshold become 0; mask_columns also masks column c by mask[b, c].
-  // Returns the per-row sums of squared differences of all layers end to end, fp32 (fp64 for
-  // fp64), and per layer (1/2) d sum / d student, contiguous, in the student's dtype (an empty
-  // list when need_grad is false). Semantics in csrc/layer_mse.h.
+  // Forward returns the per-row sums of squared differences of all layers end to end, fp32
+  // (fp64 for fp64); backward returns d (grad_rows . sums) / d student per layer, contiguous,
+  // in the student's dtype, recomputed from student and teacher. Semantics in csrc/layer_mse.h.
   m.def(
       "layer_mse_forward(Tensor[] student, Tensor[] teacher, Tensor? mask, float? threshold, "
-      "bool mask_columns, bool need_grad) -> (Tensor, Tensor[])");
+      "bool mask_columns) -> Tensor");
+  m.def(
+      "layer_mse_backward(Tensor grad_rows, Tensor[] student, Tensor[] teacher, Tensor? mask, "
+      "float? threshold, bool mask_columns) -> Tensor[]");
   // In-batch InfoNCE, one direction (query -> key), O(N + M) statistics: query (N, D), key
   // (M, D), labels (N,) int64 in [0, M), temperature a 0-dim float32 tensor (float64 for
   // float64 inputs) on the inputs' device, cosine: rows L2-normalized inside. Returns the

@@ -95,48 +95,36 @@ def _layer_mse_forward_fake(
     mask: torch.Tensor | None,
     threshold: float | None,
     mask_columns: bool,
-    need_grad: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> torch.Tensor:
     total_rows = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in student)
-    row_sq_sum = student[0].new_empty(total_rows, dtype=_row_loss_dtype(student[0]))
-    half_grad = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student]
-    return row_sq_sum, half_grad if need_grad else []
+    return student[0].new_empty(total_rows, dtype=_row_loss_dtype(student[0]))
 
 
-def _layer_mse_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    student, need_grad = inputs[0], inputs[-1]
-    _, half_grad = output
-    ctx.mark_non_differentiable(*half_grad)
-    # Else autograd would allocate a zero gradient per layer for the unused half_grad outputs.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*half_grad)
-    ctx.computed_grad = need_grad
-    ctx.rows_per_layer = [s.shape[0] * s.shape[1] * s.shape[2] for s in student]
+def _layer_mse_backward_fake(grad_rows: torch.Tensor, student: list[torch.Tensor], *args: Any):
+    return [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student]
 
 
-def _layer_mse_backward(ctx: Any, grad_row_sq_sum: torch.Tensor | None, _: Any) -> tuple:
-    if grad_row_sq_sum is None:  # grads are not materialised: the loss was not used
-        no_grads = [None] * len(ctx.rows_per_layer)
-        return no_grads, list(no_grads), None, None, None, None
-    if not ctx.computed_grad:
-        raise RuntimeError(
-            "layer MSE: the gradient was not computed in forward (need_grad=False); call the "
-            "loss with grad enabled and student tensors that require grad"
-        )
-    # d row_sq_sum / d student = 2 * half_grad, row by row.
-    row_scales = (2 * grad_row_sq_sum).split(ctx.rows_per_layer)
-    grads = [
-        half_grad * scale.view(*half_grad.shape[:3], 1).to(half_grad.dtype)
-        for half_grad, scale in zip(ctx.saved_tensors, row_scales, strict=True)
-    ]
-    return grads, [None] * len(grads), None, None, None, None
+def _layer_mse_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    student, teacher, mask, threshold, mask_columns = inputs
+    # Backward recomputes the gradient from the inputs themselves: nothing new is kept.
+    ctx.save_for_backward(*student, *teacher, mask)
+    ctx.layers, ctx.threshold, ctx.mask_columns = len(student), threshold, mask_columns
 
 
-def register_layer_mse_op(forward_op: str) -> None:
-    """Registers the fake implementation and autograd of one backend's layer MSE op."""
+def register_layer_mse_ops(forward_op: str, backward_op: str, backward: Callable) -> None:
+    """Registers fake implementations of one backend's layer MSE pair and the forward's
+    autograd, which calls ``backward`` (the backward op) on the saved inputs."""
     torch.library.register_fake(forward_op)(_layer_mse_forward_fake)
+    torch.library.register_fake(backward_op)(_layer_mse_backward_fake)
+
+    def layer_mse_autograd(ctx: Any, grad_rows: torch.Tensor) -> tuple:
+        saved = ctx.saved_tensors
+        student, teacher = list(saved[: ctx.layers]), list(saved[ctx.layers : 2 * ctx.layers])
+        grads = backward(grad_rows, student, teacher, saved[-1], ctx.threshold, ctx.mask_columns)
+        return grads, [None] * ctx.layers, None, None, None
+
     torch.library.register_autograd(
-        forward_op, _layer_mse_backward, setup_context=_layer_mse_setup_context
+        forward_op, layer_mse_autograd, setup_context=_layer_mse_setup_context
     )
 
 
@@ -197,7 +185,11 @@ def register_info_nce_ops(forward_op: str, backward_op: str, backward: Callable)
 
 if HAS_EXTENSION:
     register_kd_loss_ops("kd_kernels::kd_loss_forward", "kd_kernels::kd_loss_forward_out")
-    register_layer_mse_op("kd_kernels::layer_mse_forward")
+    register_layer_mse_ops(
+        "kd_kernels::layer_mse_forward",
+        "kd_kernels::layer_mse_backward",
+        torch.ops.kd_kernels.layer_mse_backward,
+    )
     register_info_nce_ops(
         "kd_kernels::info_nce_forward",
         "kd_kernels::info_nce_backward",

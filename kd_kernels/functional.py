@@ -323,10 +323,7 @@ def _fused_layer_mse(
     """
     students = [_unit_last_stride(s) for s in students]
     teachers = [_unit_last_stride(t) for t in teachers]
-    need_grad = torch.is_grad_enabled() and any(s.requires_grad for s in students)
-    row_sq_sum, _ = _layer_mse_op(backend)(
-        students, teachers, mask, threshold, mask_columns, need_grad
-    )
+    row_sq_sum = _layer_mse_op(backend)(students, teachers, mask, threshold, mask_columns)
     rows = [s.shape[0] * s.shape[1] * s.shape[2] for s in students]
     if len(set(rows)) == 1:
         layer_sums = row_sq_sum.view(len(rows), rows[0]).sum(1)

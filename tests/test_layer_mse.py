@@ -128,7 +128,7 @@ def test_non_contiguous_inputs(backend):
     )
 
 
-def test_four_layers_are_one_triton_launch(monkeypatch):
+def test_four_layers_are_one_triton_launch_per_pass(monkeypatch):
     if "triton" not in kdk.available_backends():
         pytest.skip("no triton backend on this machine")
     from kd_kernels.triton import layer_mse as triton_layer_mse
@@ -148,9 +148,10 @@ def test_four_layers_are_one_triton_launch(monkeypatch):
         students, teachers, mask = attention_layers(2, 2, 8, layers, True, torch.float32, device)
         students = [s.requires_grad_() for s in students]
         loss = kdk.attention_mse_loss(students, teachers, attention_mask=mask, backend="triton")
+        assert len(launches) == 1, f"forward of {layers} layers took {len(launches)} launches"
         loss.backward()
-        assert len(launches) == 1, f"{layers} layers took {len(launches)} launches"
-        assert launches[0][1] == layers  # program axis 1 walks the layers
+        assert len(launches) == 2, f"backward of {layers} layers took {len(launches) - 1}"
+        assert all(grid[1] == layers for grid in launches)  # program axis 1 walks the layers
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,11 +161,18 @@ def test_opcheck(backend):
     teachers = [torch.randn(2, 3, 5, 5, device=device) for _ in range(2)]
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
     if backend == "triton":
-        from kd_kernels.triton.layer_mse import layer_mse_forward_triton as op
+        from kd_kernels.triton import layer_mse as triton_layer_mse
+
+        forward = triton_layer_mse.layer_mse_forward_triton
+        backward = triton_layer_mse.layer_mse_backward_triton
     else:
-        op = torch.ops.kd_kernels.layer_mse_forward
-    torch.library.opcheck(op, (students, teachers, mask, -1.0, True, True))
-    torch.library.opcheck(op, (students, teachers, None, None, False, True))
+        forward = torch.ops.kd_kernels.layer_mse_forward
+        backward = torch.ops.kd_kernels.layer_mse_backward
+    detached = [s.detach() for s in students]
+    for options in ((mask, -1.0, True), (None, None, False)):
+        torch.library.opcheck(forward, (students, teachers, *options))
+        grad_rows = torch.rand(2 * 3 * 5 * 2, device=device)
+        torch.library.opcheck(backward, (grad_rows, detached, teachers, *options))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,7 @@
 // Fused layer MSE on the CPU (TinyBERT attention maps and hidden states): every row of every
-// matched layer in one parallel region, one read of student and teacher, one write of the
-// gradient. Semantics in csrc/layer_mse.h.
+// matched layer in one parallel region. Forward reads student and teacher once and writes one
+// sum per row; backward reads them again and writes the gradient once. Semantics in
+// csrc/layer_mse.h.
 //
 // Rows (b, h, r) of all layers are numbered end to end; a task takes a range of them and finds
 // each row's layer from the layers' first-row table. Within a row the columns run in whole SIMD
@@ -62,16 +63,18 @@ template <typename scalar_t>
 struct LayerView {
   const scalar_t* student;
   const scalar_t* teacher;
-  scalar_t* half_grad;  // nullptr when no gradient is wanted
+  scalar_t* grad;  // backward only
   int64_t heads, rows_per_head, columns;
   int64_t student_strides[3], teacher_strides[3];
   int64_t first_row;  // of this layer in row_sq_sum
 };
 
+// Forward (grad_rows == nullptr): sums[row]. Backward: grad = 2 grad_rows[row] * (s' - t').
 template <typename scalar_t>
 void layer_mse_rows(const at::TensorList& student, const at::TensorList& teacher,
-                    const bool* mask, const LayerMSEOptions& options, at::Tensor& row_sq_sum,
-                    std::vector<at::Tensor>& half_grad) {
+                    const bool* mask, const LayerMSEOptions& options,
+                    const at::opmath_type<scalar_t>* grad_rows, at::opmath_type<scalar_t>* sums,
+                    std::vector<at::Tensor>& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kWidth = Vec<acc_t>::size();
   std::vector<LayerView<scalar_t>> layers;
@@ -80,7 +83,7 @@ void layer_mse_rows(const at::TensorList& student, const at::TensorList& teacher
     const at::Tensor &s = student[l], &t = teacher[l];
     LayerView<scalar_t> view{s.const_data_ptr<scalar_t>(),
                              t.const_data_ptr<scalar_t>(),
-                             half_grad.empty() ? nullptr : half_grad[l].mutable_data_ptr<scalar_t>(),
+                             grad.empty() ? nullptr : grad[l].mutable_data_ptr<scalar_t>(),
                              s.size(1),
                              s.size(2),
                              s.size(3),
@@ -107,7 +110,6 @@ void layer_mse_rows(const at::TensorList& student, const at::TensorList& teacher
   const bool use_column_mask = !column_mask.empty();
   const bool use_threshold = options.use_threshold;
   const Vec<acc_t> threshold(acc_t(options.threshold)), zero(acc_t(0));
-  acc_t* sums = row_sq_sum.mutable_data_ptr<acc_t>();
 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(widest, 1));
   at::parallel_for(0, total_rows, grain, [&](int64_t begin, int64_t end) {
@@ -121,10 +123,10 @@ void layer_mse_rows(const at::TensorList& student, const at::TensorList& teacher
       const int64_t h = (local / layer->rows_per_head) % layer->heads;
       const int64_t b = local / (layer->rows_per_head * layer->heads);
       const int64_t columns = layer->columns;
-      scalar_t* grad_row = layer->half_grad ? layer->half_grad + local * columns : nullptr;
+      scalar_t* grad_row = grad_rows ? layer->grad + local * columns : nullptr;
       if (mask && !mask[b * mask_length + r]) {
-        sums[row] = 0;
         if (grad_row) std::fill(grad_row, grad_row + columns, scalar_t(0));
+        else sums[row] = 0;
         continue;
       }
       const auto* st = layer->student_strides;
@@ -132,6 +134,7 @@ void layer_mse_rows(const at::TensorList& student, const at::TensorList& teacher
       const scalar_t* s_row = layer->student + b * st[0] + h * st[1] + r * st[2];
       const scalar_t* t_row = layer->teacher + b * tt[0] + h * tt[1] + r * tt[2];
       const acc_t* mask_row = use_column_mask ? column_mask.data() + b * padded : nullptr;
+      const Vec<acc_t> grad_scale(grad_rows ? 2 * grad_rows[row] : acc_t(0));
       Vec<acc_t> total(acc_t(0));
       for (int64_t c = 0; c < columns; c += kWidth) {
         const int64_t count = std::min<int64_t>(kWidth, columns - c);
@@ -146,37 +149,40 @@ void layer_mse_rows(const at::TensorList& student, const at::TensorList& teacher
           diff = s - t;
           grad = diff;
         }
-        Vec<acc_t> square = diff * diff;
-        if (mask_row) {
-          // Select rather than multiply, so that NaN in an uncounted entry stays out.
-          const Vec<acc_t> counted = Vec<acc_t>::loadu(mask_row + c) != zero;
-          square = Vec<acc_t>::blendv(zero, square, counted);
-          grad = Vec<acc_t>::blendv(zero, grad, counted);
+        // Select rather than multiply, so that NaN in an uncounted entry stays out.
+        const Vec<acc_t> counted =
+            mask_row ? Vec<acc_t>::loadu(mask_row + c) != zero : Vec<acc_t>(acc_t(0)) == zero;
+        if (grad_row) {
+          store_as(Vec<acc_t>::blendv(zero, grad * grad_scale, counted), grad_row + c, count);
+        } else {
+          total += Vec<acc_t>::blendv(zero, diff * diff, counted);
         }
-        total += square;
-        if (grad_row) store_as(grad, grad_row + c, count);
       }
-      sums[row] = horizontal_sum(total);
+      if (!grad_row) sums[row] = horizontal_sum(total);
     }
   });
 }
 
-void layer_mse_forward_cpu_core(const at::TensorList& student, const at::TensorList& teacher,
-                                const std::optional<at::Tensor>& mask,
-                                const LayerMSEOptions& options, at::Tensor& row_sq_sum,
-                                std::vector<at::Tensor>& half_grad) {
+void layer_mse_cpu_core(const at::TensorList& student, const at::TensorList& teacher,
+                        const std::optional<at::Tensor>& mask, const LayerMSEOptions& options,
+                        const at::Tensor& grad_rows, at::Tensor& row_sq_sum,
+                        std::vector<at::Tensor>& grad) {
   TORCH_CHECK_VALUE(student[0].device().is_cpu(), "layer_mse cpu kernel: tensors must be on the CPU");
   const bool* mask_data = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, student[0].scalar_type(), "layer_mse_forward_cpu", [&] {
-        layer_mse_rows<scalar_t>(student, teacher, mask_data, options, row_sq_sum, half_grad);
+      at::kHalf, at::kBFloat16, student[0].scalar_type(), "layer_mse_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t* grad_data = grad_rows.defined() ? grad_rows.const_data_ptr<acc_t>() : nullptr;
+        acc_t* sums = row_sq_sum.defined() ? row_sq_sum.mutable_data_ptr<acc_t>() : nullptr;
+        layer_mse_rows<scalar_t>(student, teacher, mask_data, options, grad_data, sums, grad);
       });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kd_kernels, CPU, m) {
-  m.impl("layer_mse_forward", &layer_mse_forward<layer_mse_forward_cpu_core>);
+  m.impl("layer_mse_forward", &layer_mse_forward<layer_mse_cpu_core>);
+  m.impl("layer_mse_backward", &layer_mse_backward<layer_mse_cpu_core>);
 }
 
 }  // namespace kd_kernels

@@ -7,7 +7,9 @@ every layer the same shape) form groups, one launch each.
 
 A program owns BLOCK_R rows (b, h, r) of one layer and walks their columns in BLOCK_C chunks:
 attention rows (Lk = 128-512) get many rows per program, hidden rows (D = 768-1024) fewer.
-Each element is read once and the gradient written once. Semantics in csrc/layer_mse.h.
+Forward reads each element once and writes one sum per row; backward (the same kernel with
+BACKWARD set) reads them again and writes the gradient once, so only one gradient-sized
+buffer ever exists. Semantics in csrc/layer_mse.h.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kd_kernels._backend import triton_interpreting
-from kd_kernels._ops import register_layer_mse_op
+from kd_kernels._ops import register_layer_mse_ops
 
 # Elements per program tile: the register budget of 4 warps on Hopper at fp32.
 TILE_ELEMENTS = 4096
@@ -33,6 +35,7 @@ def _layer_mse_kernel(
     student_witness,
     mask_ptr,
     row_sq_sum_ptr,
+    grad_rows_ptr,
     num_rows,
     heads,
     rows_per_head,
@@ -47,7 +50,7 @@ def _layer_mse_kernel(
     USE_THRESHOLD: tl.constexpr,
     HAS_MASK: tl.constexpr,
     MASK_COLUMNS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
+    BACKWARD: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -72,9 +75,12 @@ def _layer_mse_kernel(
     if HAS_MASK:
         real = tl.load(mask_ptr + b * rows_per_head + r, mask=row_in_range, other=0)
         counted_row = counted_row & (real != 0)
-    if WRITE_GRAD:
+    first_row = tl.load(first_row_table + layer)
+    if BACKWARD:
         grad_base = tl.load(grad_table + layer).to(student_witness.dtype)
         grad_rows = grad_base + rows64 * columns
+        # d out / d s = 2 g_row (s' - t'), g_row = d out / d row_sq_sum
+        grad_scale = 2 * tl.load(grad_rows_ptr + first_row + rows64, mask=row_in_range, other=0.0)
 
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, columns, BLOCK_C):
@@ -97,12 +103,14 @@ def _layer_mse_kernel(
         else:
             diff = s - t
             grad = diff
-        total += tl.sum(diff * diff, axis=1)
-        if WRITE_GRAD:
+        if BACKWARD:
             grad_ptrs = grad_rows[:, None] + cols[None, :]
+            grad = grad * grad_scale[:, None]
             tl.store(grad_ptrs, grad.to(grad_ptrs.dtype.element_ty), mask=in_tile)
-    first_row = tl.load(first_row_table + layer)
-    tl.store(row_sq_sum_ptr + first_row + rows64, total, mask=row_in_range)
+        else:
+            total += tl.sum(diff * diff, axis=1)
+    if not BACKWARD:
+        tl.store(row_sq_sum_ptr + first_row + rows64, total, mask=row_in_range)
 
 
 def _address_table(addresses: list[int], device: torch.device) -> torch.Tensor:
@@ -113,7 +121,16 @@ def _address_table(addresses: list[int], device: torch.device) -> torch.Tensor:
 
 
 def _launch_group(
-    layer_ids, student, teacher, half_grad, first_rows, mask, threshold, mask_columns, row_sq_sum
+    layer_ids,
+    student,
+    teacher,
+    grad,
+    first_rows,
+    mask,
+    threshold,
+    mask_columns,
+    row_sq_sum,
+    grad_rows,
 ):
     s0, t0 = student[layer_ids[0]], teacher[layer_ids[0]]
     batch, heads, rows_per_head, columns = s0.shape
@@ -121,7 +138,7 @@ def _launch_group(
     device = s0.device
     student_addresses = [student[i].data_ptr() for i in layer_ids]
     teacher_addresses = [teacher[i].data_ptr() for i in layer_ids]
-    grad_addresses = [half_grad[i].data_ptr() for i in layer_ids] if half_grad else [0]
+    grad_addresses = [grad[i].data_ptr() for i in layer_ids] if grad else [0]
     aligned = all(a % 16 == 0 for a in student_addresses + teacher_addresses)
     block_c = min(triton.next_power_of_2(max(columns, 1)), MAX_BLOCK_COLUMNS)
     block_r = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(num_rows))
@@ -136,6 +153,7 @@ def _launch_group(
         s0,
         mask,
         row_sq_sum,
+        grad_rows,
         num_rows,
         heads,
         rows_per_head,
@@ -146,7 +164,7 @@ def _launch_group(
         USE_THRESHOLD=threshold is not None,
         HAS_MASK=mask is not None,
         MASK_COLUMNS=mask is not None and mask_columns,
-        WRITE_GRAD=bool(half_grad),
+        BACKWARD=grad_rows is not None,
         ALIGNED=aligned,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
@@ -154,25 +172,13 @@ def _launch_group(
     )
 
 
-@torch.library.custom_op("kd_kernels::layer_mse_forward_triton", mutates_args=())
-def layer_mse_forward_triton(
-    student: list[torch.Tensor],
-    teacher: list[torch.Tensor],
-    mask: torch.Tensor | None,
-    threshold: float | None,
-    mask_columns: bool,
-    need_grad: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Triton twin of ``kd_kernels::layer_mse_forward`` (schema in csrc/ops.cpp)."""
+def _launch(student, teacher, mask, threshold, mask_columns, row_sq_sum, grad_rows, grad):
+    """Forward (grad_rows None: fills row_sq_sum) or backward (fills grad), every layer in one
+    launch per group of layers sharing shape and strides (one group for HF outputs)."""
     if student[0].dtype == torch.float64:
         raise TypeError("layer MSE on triton supports float32, float16 and bfloat16")
     rows = [s.shape[0] * s.shape[1] * s.shape[2] for s in student]
     first_rows = [sum(rows[:i]) for i in range(len(rows))]
-    row_sq_sum = student[0].new_empty(sum(rows), dtype=torch.float32)
-    half_grad = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student]
-    if not need_grad:
-        half_grad = []
-    # One launch per group of layers sharing shape and strides (one group for HF outputs).
     groups: dict[tuple, list[int]] = {}
     for index, (s, t) in enumerate(zip(student, teacher, strict=True)):
         if rows[index] > 0:
@@ -182,14 +188,49 @@ def layer_mse_forward_triton(
             layer_ids,
             student,
             teacher,
-            half_grad,
+            grad,
             first_rows,
             mask,
             threshold,
             mask_columns,
             row_sq_sum,
+            grad_rows,
         )
-    return row_sq_sum, half_grad
 
 
-register_layer_mse_op("kd_kernels::layer_mse_forward_triton")
+@torch.library.custom_op("kd_kernels::layer_mse_forward_triton", mutates_args=())
+def layer_mse_forward_triton(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    threshold: float | None,
+    mask_columns: bool,
+) -> torch.Tensor:
+    """Triton twin of ``kd_kernels::layer_mse_forward`` (schema in csrc/ops.cpp)."""
+    total_rows = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in student)
+    row_sq_sum = student[0].new_empty(total_rows, dtype=torch.float32)
+    _launch(student, teacher, mask, threshold, mask_columns, row_sq_sum, None, [])
+    return row_sq_sum
+
+
+@torch.library.custom_op("kd_kernels::layer_mse_backward_triton", mutates_args=())
+def layer_mse_backward_triton(
+    grad_rows: torch.Tensor,
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    threshold: float | None,
+    mask_columns: bool,
+) -> list[torch.Tensor]:
+    """Triton twin of ``kd_kernels::layer_mse_backward``."""
+    grad = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student]
+    grad_rows = grad_rows.to(torch.float32).contiguous()
+    _launch(student, teacher, mask, threshold, mask_columns, None, grad_rows, grad)
+    return grad
+
+
+register_layer_mse_ops(
+    "kd_kernels::layer_mse_forward_triton",
+    "kd_kernels::layer_mse_backward_triton",
+    layer_mse_backward_triton,
+)
