@@ -208,3 +208,38 @@ def fused_backends(device: str) -> list[str]:
         for backend in kd_kernels.available_backends()
         if backend != "torch" and (backend == "cpu") == on_cpu
     ]
+
+
+class SkipPeer(Exception):
+    """Raised by a competitor's loader when it cannot run here; the message says why."""
+
+
+def suite_implementations(
+    device: str,
+    quick: bool,
+    eager_name: str,
+    eager: Callable,
+    peers: dict[str, Callable[[], Callable]],
+    fused: Callable[[str], Callable],
+) -> tuple[dict, dict]:
+    """An op's competitors for the suite: ({name: fn}, {name: why it is skipped}).
+
+    In order: the eager formulation, ``torch.compile`` of it (not in --quick, where compiling
+    would dominate), the public peers (name -> loader returning the callable; a loader raising
+    ImportError or SkipPeer is skipped with its message), and kd_kernels on every backend that
+    runs on ``device`` (``fused(backend)`` returns its callable).
+    """
+    impls, skipped = {eager_name: eager}, {}
+    compiled_name = f"torch.compile({eager_name})"
+    if quick:
+        skipped[compiled_name] = "not in --quick (compilation dominates small runs)"
+    else:
+        impls[compiled_name] = torch.compile(eager)
+    for name, load in peers.items():
+        try:
+            impls[name] = load()
+        except (ImportError, SkipPeer) as error:
+            skipped[name] = str(error)
+    for backend in fused_backends(device):
+        impls[f"kd_kernels[{backend}]"] = fused(backend)
+    return impls, skipped

@@ -19,10 +19,10 @@ import kd_kernels as kdk
 from benchmarks._harness import (
     OpSuite,
     add_common_arguments,
-    fused_backends,
     markdown_table,
     measure,
     report,
+    suite_implementations,
 )
 from benchmarks._peers import textbrewer_losses
 
@@ -49,13 +49,10 @@ def bert_like_scores(layers, batch, heads, length, dtype, device, generator):
 
 
 def implementations(device: str, with_compile: bool) -> dict:
-    impls = {"TinyBERT loop": tinybert_loop}
-    if with_compile:
-        impls["torch.compile(TinyBERT loop)"] = torch.compile(tinybert_loop)
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda s, t, backend=backend: kdk.attention_mse_loss(
-            s, t, backend=backend
-        )
+    """The suite's competitors (peers included), torch.compile only when asked for."""
+    impls, skipped = _suite_implementations(device, quick=not with_compile)
+    for name, reason in skipped.items():
+        print(f"skip {name}: {reason}")
     return impls
 
 
@@ -96,10 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
     return report("attention_mse fwd+bwd", name, args, results, table, layer_map=layers)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # The suite (python -m benchmarks): 1-12 matched layers, L = 128-512.
 def _suite_cases(device: str, quick: bool) -> list:
     if quick:
@@ -126,25 +119,20 @@ def _suite_cases(device: str, quick: bool) -> list:
 
 
 def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
-    impls, skipped = {"TinyBERT loop": tinybert_loop}, {}
-    if quick:
-        skipped["torch.compile(TinyBERT loop)"] = "not in --quick (compilation dominates)"
-    else:
-        impls["torch.compile(TinyBERT loop)"] = torch.compile(tinybert_loop)
-    try:
+    def textbrewer():
         att_mse_loss = textbrewer_losses().att_mse_loss
-
-        def textbrewer_loop(students, teachers):
-            return sum(att_mse_loss(s, t) for s, t in zip(students, teachers, strict=True))
-
-        impls["TextBrewer att_mse_loss"] = textbrewer_loop
-    except ImportError as error:
-        skipped["TextBrewer att_mse_loss"] = str(error)
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda s, t, backend=backend: kdk.attention_mse_loss(
-            s, t, backend=backend
+        return lambda students, teachers: sum(
+            att_mse_loss(s, t) for s, t in zip(students, teachers, strict=True)
         )
-    return impls, skipped
+
+    return suite_implementations(
+        device,
+        quick,
+        "TinyBERT loop",
+        tinybert_loop,
+        {"TextBrewer att_mse_loss": textbrewer},
+        lambda backend: lambda s, t: kdk.attention_mse_loss(s, t, backend=backend),
+    )
 
 
 SUITE = OpSuite(
@@ -155,3 +143,7 @@ SUITE = OpSuite(
     # Ideal fwd+bwd: read every student and teacher map once, write the gradient once.
     traffic_bytes=lambda inputs: 3 * sum(s.numel() * s.element_size() for s in inputs[0]),
 )
+
+
+if __name__ == "__main__":
+    main()

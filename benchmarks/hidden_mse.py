@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kd_kernels as kdk
-from benchmarks._harness import OpSuite, fused_backends
+from benchmarks._harness import OpSuite, suite_implementations
 from benchmarks._peers import textbrewer_losses
 
 
@@ -43,25 +43,20 @@ def _suite_cases(device: str, quick: bool) -> list:
 
 
 def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
-    impls, skipped = {"F.mse_loss loop": mse_loop}, {}
-    if quick:
-        skipped["torch.compile(loop)"] = "not in --quick (compilation dominates)"
-    else:
-        impls["torch.compile(loop)"] = torch.compile(mse_loop)
-    try:
+    def textbrewer():
         hid_mse_loss = textbrewer_losses().hid_mse_loss
-
-        def textbrewer_loop(students, teachers):
-            return sum(hid_mse_loss(s, t) for s, t in zip(students, teachers, strict=True))
-
-        impls["TextBrewer hid_mse_loss"] = textbrewer_loop
-    except ImportError as error:
-        skipped["TextBrewer hid_mse_loss"] = str(error)
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda s, t, backend=backend: kdk.hidden_mse_loss(
-            s, t, backend=backend
+        return lambda students, teachers: sum(
+            hid_mse_loss(s, t) for s, t in zip(students, teachers, strict=True)
         )
-    return impls, skipped
+
+    return suite_implementations(
+        device,
+        quick,
+        "F.mse_loss loop",
+        mse_loop,
+        {"TextBrewer hid_mse_loss": textbrewer},
+        lambda backend: lambda s, t: kdk.hidden_mse_loss(s, t, backend=backend),
+    )
 
 
 SUITE = OpSuite(

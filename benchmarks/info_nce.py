@@ -22,11 +22,12 @@ import torch.nn.functional as F
 import kd_kernels as kdk
 from benchmarks._harness import (
     OpSuite,
+    SkipPeer,
     add_common_arguments,
-    fused_backends,
     markdown_table,
     measure,
     report,
+    suite_implementations,
 )
 
 
@@ -94,10 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
     return report("info_nce fwd+bwd", name, args, rows, table, largest_n_within_budget=largest)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # The suite (python -m benchmarks): N up to 32k on the CPU, 1M on a GPU; one-way and symmetric.
 SUITE_TEMPERATURE = 0.05
 # The N x N implementations (eager, MNRL) hold several N x N fp32 matrices: cap their N.
@@ -138,49 +135,58 @@ def _eager_pair(query, key, symmetric):
 
 
 def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
-    impls, skipped = {"eager": _eager_pair}, {}
-    if quick:
-        skipped["torch.compile(eager)"] = "not in --quick (compilation dominates)"
-    else:
-        impls["torch.compile(eager)"] = torch.compile(_eager_pair)
-    try:
+    def ranking_loss():
         one_way, both_ways = _ranking_losses()
 
-        def ranking_loss(query, key, symmetric):
+        def ranking(query, key, symmetric):
             loss = both_ways if symmetric else one_way
             return loss.compute_loss_from_embeddings([query, key], None)
 
-        impls["sentence-transformers MNRL"] = ranking_loss
-    except ImportError as error:
-        skipped["sentence-transformers MNRL"] = str(error)
-    skipped["sentence-transformers CachedMNRL"] = (
-        "re-encodes mini-batches with its SentenceTransformer model: it is not a loss on "
-        "given embeddings, so it belongs in a training benchmark"
+        return ranking
+
+    def cached_ranking_loss():
+        raise SkipPeer(
+            "re-encodes mini-batches with its SentenceTransformer model: it is not a loss on "
+            "given embeddings, so it belongs in a training benchmark"
+        )
+
+    impls, skipped = suite_implementations(
+        device,
+        quick,
+        "eager",
+        _eager_pair,
+        {
+            "sentence-transformers MNRL": ranking_loss,
+            "sentence-transformers CachedMNRL": cached_ranking_loss,
+            "Inf-CL": lambda: _inf_cl(device),
+        },
+        lambda backend: (
+            lambda q, k, sym: kdk.info_nce_loss(
+                q, k, temperature=SUITE_TEMPERATURE, symmetric=sym, backend=backend
+            )
+        ),
     )
-    if device == "cuda":
-        try:
-            from inf_cl import cal_inf_loss
-
-            def inf_cl(query, key, symmetric):
-                q, k = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-                loss = cal_inf_loss(q, k, scale=1 / SUITE_TEMPERATURE).mean()
-                if symmetric:
-                    loss = (loss + cal_inf_loss(k, q, scale=1 / SUITE_TEMPERATURE).mean()) / 2
-                return loss
-
-            impls["Inf-CL"] = inf_cl
-        except ImportError as error:
-            skipped["Inf-CL"] = f"inf_cl not installed ({error})"
-    else:
-        skipped["Inf-CL"] = "CUDA only"
     for name in ("eager", "torch.compile(eager)", "sentence-transformers MNRL"):
         if name in impls:
             impls[name] = _capped(impls[name], QUADRATIC_MAX_N[device])
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda q, k, sym, backend=backend: kdk.info_nce_loss(
-            q, k, temperature=SUITE_TEMPERATURE, symmetric=sym, backend=backend
-        )
     return impls, skipped
+
+
+def _inf_cl(device: str):
+    if device != "cuda":
+        raise SkipPeer("CUDA only")
+    from inf_cl import cal_inf_loss
+
+    scale = 1 / SUITE_TEMPERATURE
+
+    def inf_cl(query, key, symmetric):
+        q, k = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+        loss = cal_inf_loss(q, k, scale=scale).mean()
+        if symmetric:
+            loss = (loss + cal_inf_loss(k, q, scale=scale).mean()) / 2
+        return loss
+
+    return inf_cl
 
 
 def _ranking_losses():
@@ -225,3 +231,7 @@ SUITE = OpSuite(
     # fwd+bwd: the similarity matmul and the two gradient matmuls, 2 N M D flops each.
     flops=lambda inputs: 6 * inputs[0].shape[0] * inputs[1].shape[0] * inputs[0].shape[1],
 )
+
+
+if __name__ == "__main__":
+    main()

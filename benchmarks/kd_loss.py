@@ -3,7 +3,8 @@
     python -m benchmarks.kd_loss                      # N=4096, C=32000, fp32, on the CPU
     python -m benchmarks.kd_loss --device cuda --dtype bfloat16 --rows 8192 --classes 128256
 
-Eager baseline: ``F.kl_div(F.log_softmax(s / t), F.softmax(p / t), reduction="batchmean") * t * t``.
+Eager baseline (t = 2): ``F.kl_div(F.log_softmax(s / t), F.softmax(p / t), "batchmean") * t * t``;
+TextBrewer's kd_ce_loss and, on a GPU, Liger's KLDiv and JSD where they install.
 Ratios (speed-up, memory) come from one run on one machine; absolute times only on a GPU.
 """
 
@@ -17,11 +18,12 @@ import torch.nn.functional as F
 import kd_kernels as kdk
 from benchmarks._harness import (
     OpSuite,
+    SkipPeer,
     add_common_arguments,
-    fused_backends,
     markdown_table,
     measure,
     report,
+    suite_implementations,
 )
 from benchmarks._peers import textbrewer_losses
 
@@ -39,13 +41,10 @@ def eager_kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> tor
 
 
 def implementations(device: str, with_compile: bool) -> dict:
-    impls = {"eager": eager_kd_loss}
-    if with_compile:
-        impls["torch.compile(eager)"] = torch.compile(eager_kd_loss)
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda s, p, t, backend=backend: kdk.kd_loss(
-            s, p, temperature=t, backend=backend
-        )
+    """The suite's competitors (peers included), torch.compile only when asked for."""
+    impls, skipped = _suite_implementations(device, quick=not with_compile)
+    for name, reason in skipped.items():
+        print(f"skip {name}: {reason}")
     return impls
 
 
@@ -53,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--classes", type=int, default=32000)
-    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(eager)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, loss_fn in implementations(args.device, args.compile).items():
 
         def step(loss_fn=loss_fn):
-            loss = loss_fn(student, teacher, args.temperature)
+            loss = loss_fn(student, teacher)
             return torch.autograd.grad(loss, student)
 
         results.append(measure(name, step, args.device, args.warmup, args.repeats))
@@ -77,10 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(results, baseline="eager")
     name = f"kd_loss_{args.rows}x{args.classes}_{args.dtype}"
     return report("kd_loss fwd+bwd", name, args, results, table)
-
-
-if __name__ == "__main__":
-    main()
 
 
 # The suite (python -m benchmarks): GLUE heads, where launches and syncs dominate, up to LLM
@@ -110,49 +104,41 @@ def _suite_cases(device: str, quick: bool) -> list:
 
 def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
     t = SUITE_TEMPERATURE
-    impls = {"eager": lambda s, p: eager_kd_loss(s, p, t)}
-    skipped = {}
-    if quick:
-        skipped["torch.compile(eager)"] = "not in --quick (compilation dominates small runs)"
-    else:
-        compiled = torch.compile(eager_kd_loss)
-        impls["torch.compile(eager)"] = lambda s, p: compiled(s, p, t)
-    try:
+
+    def textbrewer():
         kd_ce_loss = textbrewer_losses().kd_ce_loss
-        impls["TextBrewer kd_ce_loss"] = lambda s, p: kd_ce_loss(s, p, t)
-    except ImportError as error:
-        skipped["TextBrewer kd_ce_loss"] = str(error)
-    impls.update(_liger_implementations(device, skipped))
-    for backend in fused_backends(device):
-        impls[f"kd_kernels[{backend}]"] = lambda s, p, backend=backend: kdk.kd_loss(
-            s, p, temperature=t, backend=backend
-        )
-    return impls, skipped
+        return lambda s, p: kd_ce_loss(s, p, t)
+
+    return suite_implementations(
+        device,
+        quick,
+        "eager",
+        lambda s, p: eager_kd_loss(s, p, t),
+        {
+            "TextBrewer kd_ce_loss": textbrewer,
+            "Liger KLDiv": lambda: _liger(device, "kl"),
+            "Liger JSD": lambda: _liger(device, "jsd"),
+        },
+        lambda backend: lambda s, p: kdk.kd_loss(s, p, temperature=t, backend=backend),
+    )
 
 
-def _liger_implementations(device: str, skipped: dict) -> dict:
-    names = ("Liger KLDiv", "Liger JSD")
+def _liger(device: str, kind: str):
     if device != "cuda":
-        for name in names:
-            skipped[name] = "Triton kernels: on the CPU they would time the Triton interpreter"
-        return {}
-    try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
-    except ImportError as error:
-        for name in names:
-            skipped[name] = f"liger-kernel not installed ({error})"
-        return {}
+        raise SkipPeer("Triton kernels: on the CPU they would time the Triton interpreter")
+    from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+
     t = SUITE_TEMPERATURE
-    kl_div, jsd = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerJSD(beta=0.5)
+    if kind == "jsd":
+        jsd = LigerJSD(beta=0.5)
+        return lambda s, p: jsd(F.log_softmax(s / t, dim=-1), F.log_softmax(p / t, dim=-1))
+    kl_div = LigerKLDIVLoss(reduction="batchmean", log_target=True)
 
     def liger_kl(student, teacher):
         log_p_s = F.log_softmax(student.float() / t, dim=-1)
         return kl_div(log_p_s, F.log_softmax(teacher.float() / t, dim=-1)) * t * t
 
-    def liger_jsd(student, teacher):
-        return jsd(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1))
-
-    return {names[0]: liger_kl, names[1]: liger_jsd}
+    return liger_kl
 
 
 SUITE = OpSuite(
@@ -163,3 +149,7 @@ SUITE = OpSuite(
     # Ideal fwd+bwd: read student and teacher once, write the gradient once.
     traffic_bytes=lambda inputs: 3 * inputs[0].numel() * inputs[0].element_size(),
 )
+
+
+if __name__ == "__main__":
+    main()
