@@ -25,6 +25,7 @@ def _batches(seed, extra_keys):
 
 
 def _worker(rank, world_size, store_path, out_dir, backends):
+    torch.set_num_threads(1)  # two ranks share the machine's cores
     dist.init_process_group(
         "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
     )
@@ -45,6 +46,9 @@ def _worker(rank, world_size, store_path, out_dir, backends):
             losses.sum().backward()
             results[backend, name] = (losses.detach(), query.grad, key.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Both ranks leave together: a rank that tears gloo down while its peer still talks to it
+    # can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
