@@ -243,3 +243,39 @@ def suite_implementations(
     for backend in fused_backends(device):
         impls[f"kd_kernels[{backend}]"] = fused(backend)
     return impls, skipped
+
+
+def loss_step(fn: Callable, inputs: tuple, wrt: list, mode: str = "fwd+bwd") -> Callable:
+    """A call of ``fn(*inputs)``: forward only under no_grad, or forward and the gradients
+    with respect to ``wrt``."""
+    if mode == "fwd":
+
+        def forward_only():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return forward_only
+
+    def forward_backward():
+        return torch.autograd.grad(fn(*inputs), wrt)
+
+    return forward_backward
+
+
+def competitors(suite: OpSuite, device: str, with_compile: bool) -> dict:
+    """A single-op benchmark's implementations: the suite's, torch.compile only when asked
+    for; prints why each missing one is skipped."""
+    impls, skipped = suite.implementations(device, not with_compile)
+    for name, reason in skipped.items():
+        print(f"skip {name}: {reason}")
+    return impls
+
+
+def measure_each(impls: dict, inputs: tuple, wrt: list, args: argparse.Namespace) -> list:
+    """fwd+bwd of every implementation on the same inputs, printed as it goes."""
+    results = []
+    for name, fn in impls.items():
+        step = loss_step(fn, inputs, wrt)
+        results.append(measure(name, step, args.device, args.warmup, args.repeats))
+        print(f"{name}: {results[-1].median_ms:.1f} ms, {results[-1].peak_extra_mib:.0f} MiB")
+    return results

@@ -19,8 +19,9 @@ import kd_kernels as kdk
 from benchmarks._harness import (
     OpSuite,
     add_common_arguments,
+    competitors,
     markdown_table,
-    measure,
+    measure_each,
     report,
     suite_implementations,
 )
@@ -48,14 +49,6 @@ def bert_like_scores(layers, batch, heads, length, dtype, device, generator):
     ]
 
 
-def implementations(device: str, with_compile: bool) -> dict:
-    """The suite's competitors (peers included), torch.compile only when asked for."""
-    impls, skipped = _suite_implementations(device, quick=not with_compile)
-    for name, reason in skipped.items():
-        print(f"skip {name}: {reason}")
-    return impls
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student-layers", type=int, default=4)
@@ -77,14 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     for student in students:
         student.requires_grad_(True)
 
-    results = []
-    for name, loss_fn in implementations(args.device, args.compile).items():
-
-        def step(loss_fn=loss_fn):
-            return torch.autograd.grad(loss_fn(students, teachers), students)
-
-        results.append(measure(name, step, args.device, args.warmup, args.repeats))
-        print(f"{name}: {results[-1].median_ms:.1f} ms, {results[-1].peak_extra_mib:.0f} MiB")
+    impls = competitors(SUITE, args.device, args.compile)
+    results = measure_each(impls, (students, teachers), students, args)
 
     table = markdown_table(results, baseline="TinyBERT loop")
     shape = f"{args.student_layers}x{args.batch}x{args.heads}x{args.length}"

@@ -24,19 +24,13 @@ from benchmarks._harness import (
     OpSuite,
     SkipPeer,
     add_common_arguments,
+    competitors,
+    loss_step,
     markdown_table,
     measure,
     report,
     suite_implementations,
 )
-
-
-def implementations(device: str) -> dict:
-    """The suite's implementations (one-way, t = 0.05) with the standalone signature."""
-    impls, skipped = _suite_implementations(device, quick=True)
-    for name, reason in skipped.items():
-        print(f"skip {name}: {reason}")
-    return impls
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
-    impls = implementations(args.device)
+    impls = competitors(SUITE, args.device, with_compile=False)
     failed: set[str] = set()
     rows, tables = [], []
     for size in args.sizes:
@@ -66,10 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name in failed or (quadratic and size > args.eager_limit):
                 continue
 
-            def step(loss_fn=loss_fn, query=query, key=key):
-                loss = loss_fn(query, key, False)
-                return torch.autograd.grad(loss, (query, key))
-
+            step = loss_step(loss_fn, (query, key, False), [query, key])
             try:
                 result = measure(name, step, args.device, args.warmup, args.repeats)
             except torch.OutOfMemoryError:

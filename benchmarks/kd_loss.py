@@ -20,8 +20,9 @@ from benchmarks._harness import (
     OpSuite,
     SkipPeer,
     add_common_arguments,
+    competitors,
     markdown_table,
-    measure,
+    measure_each,
     report,
     suite_implementations,
 )
@@ -40,14 +41,6 @@ def eager_kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> tor
     )
 
 
-def implementations(device: str, with_compile: bool) -> dict:
-    """The suite's competitors (peers included), torch.compile only when asked for."""
-    impls, skipped = _suite_implementations(device, quick=not with_compile)
-    for name, reason in skipped.items():
-        print(f"skip {name}: {reason}")
-    return impls
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -62,15 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = torch.randn(args.rows, args.classes, generator=generator).to(args.device, dtype)
     student.requires_grad_(True)
 
-    results = []
-    for name, loss_fn in implementations(args.device, args.compile).items():
-
-        def step(loss_fn=loss_fn):
-            loss = loss_fn(student, teacher)
-            return torch.autograd.grad(loss, student)
-
-        results.append(measure(name, step, args.device, args.warmup, args.repeats))
-        print(f"{name}: {results[-1].median_ms:.1f} ms, {results[-1].peak_extra_mib:.0f} MiB")
+    impls = competitors(SUITE, args.device, args.compile)
+    results = measure_each(impls, (student, teacher), [student], args)
 
     table = markdown_table(results, baseline="eager")
     name = f"kd_loss_{args.rows}x{args.classes}_{args.dtype}"

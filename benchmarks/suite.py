@@ -20,7 +20,13 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks._harness import OpSuite, add_common_arguments, machine_info, measure
+from benchmarks._harness import (
+    OpSuite,
+    add_common_arguments,
+    loss_step,
+    machine_info,
+    measure,
+)
 
 OPS = ("kd_loss", "attention_mse", "hidden_mse", "info_nce")
 MODES = ("fwd", "fwd+bwd")
@@ -66,7 +72,7 @@ def run(suites: list[OpSuite], args: argparse.Namespace) -> dict:
                         continue
                     if x > getattr(fn, "max_x", float("inf")):  # an N x N implementation
                         continue
-                    step = _step(fn, inputs, wrt, mode)
+                    step = loss_step(fn, inputs, wrt, mode)
                     row = {"op": suite.op, "case": label, "x": x, "mode": mode, "name": name}
                     try:
                         result = measure(name, step, args.device, args.warmup, args.repeats)
@@ -94,21 +100,6 @@ def run(suites: list[OpSuite], args: argparse.Namespace) -> dict:
         "skipped": skipped,
         "results": rows,
     }
-
-
-def _step(fn, inputs, wrt, mode):
-    if mode == "fwd":
-
-        def forward_only():
-            with torch.no_grad():
-                return fn(*inputs)
-
-        return forward_only
-
-    def forward_backward():
-        return torch.autograd.grad(fn(*inputs), wrt)
-
-    return forward_backward
 
 
 def _throughput(suite: OpSuite, inputs, mode: str, median_ms: float, limits: dict) -> dict:
