@@ -1,31 +1,19 @@
 // InfoNCE on the CPU: the blocked driver of csrc/info_nce.h (query-row blocks, similarities
 // from at::mm, i.e. MKL/oneDNN) with the two per-block row kernels below, in at::vec.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
 #include "../info_nce.h"
+#include "simd.h"
 
 namespace kd_kernels {
 namespace {
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
 // ~4M entries (16 MiB in fp32) per block: the matmul stays efficient, memory stays bounded.
 constexpr int64_t kBlockElements = int64_t(1) << 22;
-
-template <typename acc_t>
-acc_t sum_lanes(const Vec<acc_t>& v) {
-  alignas(64) acc_t lanes[Vec<acc_t>::size()];
-  v.store(lanes);
-  acc_t total = 0;
-  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) total += lanes[i];
-  return total;
-}
 
 // z_ij = dots_ij * row_scale_i * col_scale_j for one row, written into z (length padded).
 template <typename acc_t>
@@ -54,7 +42,7 @@ acc_t row_logsumexp(const acc_t* z, int64_t columns) {
   Vec<acc_t> total(0);
   int64_t c = 0;
   for (; c + kWidth <= columns; c += kWidth) total += (Vec<acc_t>::loadu(z + c) - shift).exp();
-  acc_t sum = sum_lanes(total);
+  acc_t sum = horizontal_sum(total);
   for (; c < columns; ++c) sum += std::exp(z[c] - max_value);
   return max_value + std::log(sum);
 }

@@ -6,7 +6,6 @@
 // term is guarded so that 0 * log 0 = 0. A row of up to a few hundred thousand classes then
 // stays in L2 while the 2-3 passes below run over it.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -15,21 +14,10 @@
 #include <vector>
 
 #include "../kd_loss.h"
+#include "simd.h"
 
 namespace kd_kernels {
 namespace {
-
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-template <typename acc_t>
-acc_t horizontal_sum(const Vec<acc_t>& v) {
-  alignas(64) acc_t lanes[Vec<acc_t>::size()];
-  v.store(lanes);
-  acc_t total = 0;
-  for (int i = 0; i < Vec<acc_t>::size(); ++i) total += lanes[i];
-  return total;
-}
 
 // Max over the first `count` entries; NaN if any entry is NaN.
 template <typename acc_t>

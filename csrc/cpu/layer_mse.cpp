@@ -9,7 +9,6 @@
 // with zeros, which add nothing to the sum.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,12 +16,10 @@
 #include <vector>
 
 #include "../layer_mse.h"
+#include "simd.h"
 
 namespace kd_kernels {
 namespace {
-
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
 
 // Loads `count` (<= one vector) elements as the accumulation type; the rest of the vector is 0.
 template <typename acc_t, typename scalar_t>
@@ -48,15 +45,6 @@ void store_as(const Vec<acc_t>& value, scalar_t* dst, int64_t count) {
     for (int64_t i = 0; i < count; ++i) dst[i] = scalar_t(lanes[i]);
   }
   (void)kWidth;
-}
-
-template <typename acc_t>
-acc_t horizontal_sum(const Vec<acc_t>& v) {
-  alignas(64) acc_t lanes[Vec<acc_t>::size()];
-  v.store(lanes);
-  acc_t total = 0;
-  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) total += lanes[i];
-  return total;
 }
 
 template <typename scalar_t>
