@@ -70,3 +70,36 @@ def task_losses(output: Path, stage: str, task: str) -> list[float]:
 
 def final_weights(output: Path, stage: str) -> dict[str, torch.Tensor]:
     return torch.load(output / "stages" / stage / "final.pt", weights_only=False)["model"]
+
+
+TINY_AAD = [
+    "--model=tiny:2x64",
+    "--source=vader:movie",
+    "--target=vader:amazon",
+    "--max-train=64",
+    "--max-eval=32",
+    "--batch-size=16",
+    "--max-length=32",
+    "--source-epochs=2",
+    "--source-lr=1e-3",
+    "--adapt-epochs=2",
+    "--adapt-lr=1e-4",
+    "--log-every=1",
+    "--progress=false",
+    "--threads=1",
+]
+TINY_SCAL = [
+    "--model=tiny:2x64",
+    "--max-train=64",
+    "--max-eval=32",
+    "--batch-size=16",
+    "--max-length=32",
+    "--epochs=2",
+    "--lr=1e-3",
+    "--epsilon=0.05",
+    "--attack-epsilon=0.05",
+    "--attack-steps=3",
+    "--log-every=1",
+    "--progress=false",
+    "--threads=1",
+]

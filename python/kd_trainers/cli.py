@@ -12,7 +12,11 @@ from kd_trainers.errors import ConfigError
 
 # method name -> module; each module has CONFIG (a TrainConfig dataclass), DESCRIPTION and
 # run(config, runtime) -> (summary dict, Markdown result table).
-METHODS = {"tinybert": "kd_trainers.tinybert", "mtdnn-kd": "kd_trainers.mtdnn_kd"}
+METHODS = {
+    "tinybert": "kd_trainers.tinybert",
+    "mtdnn-kd": "kd_trainers.mtdnn_kd",
+    "aad": "kd_trainers.aad",
+}
 
 
 def method_module(name: str):

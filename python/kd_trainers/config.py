@@ -74,6 +74,31 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
+@dataclasses.dataclass
+class DistillConfig(TrainConfig):
+    """Keys of every teacher -> student method: the models, the teacher's fine-tuning, the
+    student baseline trained alone, and the distillation temperature."""
+
+    teacher: str = "minilm"
+    student: str = "teacher"
+    student_keep_every: int = 2
+    tokenizer: str = "minilm"
+    pooling: str = "mean"
+    teacher_epochs: float = 2.0
+    teacher_lr: float = 5e-5
+    student_epochs: float = 3.0
+    student_lr: float = 1e-4
+    temperature: float = 1.0
+    baseline: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.student_keep_every < 1:
+            raise ConfigError(f"student_keep_every must be >= 1, got {self.student_keep_every}")
+
+
 HELP: dict[str, str] = {
     "output_dir": "run folder: config, metrics.jsonl, summary.json, checkpoints, models",
     "seed": "seed of data order, splits, dropout and initialization",
@@ -98,6 +123,15 @@ HELP: dict[str, str] = {
     "eval_fraction": "share of a dataset held out for evaluation (fixed, seeded split)",
     "max_train": "cap on training examples per dataset (0: all)",
     "max_eval": "cap on evaluation examples per dataset (0: all)",
+    "teacher": "minilm (the packaged all-MiniLM-L6-v2), a local HF directory or tiny[:LxH]",
+    "student": "teacher (the teacher's layers kept every student_keep_every) or a model name",
+    "student_keep_every": "k: the student keeps teacher layers k-1, 2k-1, ...",
+    "tokenizer": "tokenizer of tiny random models (minilm or a directory)",
+    "pooling": "sentence vector for the heads: mean (of tokens) or cls",
+    "teacher_epochs": "epochs of the teacher's fine-tuning",
+    "student_epochs": "epochs of the student trained on labels alone (the baseline)",
+    "temperature": "softmax temperature of the distillation loss",
+    "baseline": "also train the student alone, for comparison",
 }
 
 
@@ -168,7 +202,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = field.default if field.default is not dataclasses.MISSING else None
         if field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
-        text = HELP.get(field.name) or getattr(cls, "HELP", {}).get(field.name, "")
+        # A method's own HELP entry says more than the shared one.
+        text = getattr(cls, "HELP", {}).get(field.name) or HELP.get(field.name, "")
         extra = {"metavar": field.name.upper()}
         if field.name == "loss_backend":
             extra = {"choices": LOSS_BACKENDS}

@@ -46,23 +46,6 @@ def score(head: Head, outputs: torch.Tensor, examples: Sequence) -> dict[str, fl
     return {name: round(value, 4) for name, value in values.items()}
 
 
-def evaluate(
-    model: SequenceModel,
-    tokenizer,
-    examples: Sequence,
-    head: Head,
-    *,
-    max_length: int,
-    batch_size: int,
-    device: torch.device,
-) -> dict[str, float]:
-    outputs = predict(
-        model,
-        tokenizer,
-        examples,
-        head,
-        max_length=max_length,
-        batch_size=batch_size,
-        device=device,
-    )
-    return score(head, outputs, examples)
+def evaluate(model: SequenceModel, tokenizer, examples: Sequence, head: Head, **options):
+    """:func:`score` of :func:`predict` (same keyword options): the head's eval metrics."""
+    return score(head, predict(model, tokenizer, examples, head, **options), examples)

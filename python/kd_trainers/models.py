@@ -178,13 +178,22 @@ class SequenceModel(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
+    def head(self, task: str | None = None) -> nn.Linear:
+        return self.heads[task or next(iter(self.heads))]
+
+    def embed(self, inputs: dict) -> torch.Tensor:
+        """The pooled sentence vectors (B, D). ``inputs`` holds ``input_ids`` or
+        ``inputs_embeds`` (B, L, D) (adversarial training perturbs the latter), and
+        ``attention_mask``."""
+        hidden = self.encoder(**inputs).last_hidden_state
+        return self.pool(hidden, inputs["attention_mask"])
+
     def forward(self, inputs: dict, task: str | None = None, output_layers: bool = False):
         outputs = self.encoder(
             **inputs, output_hidden_states=output_layers, output_attentions=output_layers
         )
         pooled = self.pool(outputs.last_hidden_state, inputs["attention_mask"])
-        head = self.heads[task or next(iter(self.heads))]
-        return head(self.dropout(pooled)).float(), outputs
+        return self.head(task)(self.dropout(pooled)).float(), outputs
 
     def save(self, directory: Path, tokenizer=None) -> None:
         """HF encoder files plus ``heads.pt`` / ``heads.json`` (restored by :func:`load`)."""

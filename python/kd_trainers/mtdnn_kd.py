@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import kd_kernels as kdk
-from kd_trainers.config import TrainConfig
+from kd_trainers.config import DistillConfig
 from kd_trainers.errors import ConfigError
 from kd_trainers.evaluation import predict, score
 from kd_trainers.models import (
@@ -47,7 +47,7 @@ KD_FORMS = ("ensemble", "cached")
 
 
 @dataclass
-class MTDNNKDConfig(TrainConfig):
+class MTDNNKDConfig(DistillConfig):
     HELP: ClassVar[dict[str, str]] = {
         "tasks": "comma-separated SPEC[=label|score]: built-in names or files, e.g. "
         "rotten_tomatoes,vader:movie=score,bbc",
@@ -55,7 +55,6 @@ class MTDNNKDConfig(TrainConfig):
         "teacher": "encoder of every teacher: minilm, a directory or tiny[:LxH]",
         "num_teachers": "K, the size of the teacher ensemble",
         "teacher_dropouts": "dropout of each teacher (cycled when shorter than K)",
-        "student": "teacher (its layers kept every student_keep_every) or a model name",
         "kd_form": "ensemble: (K, B, C) teacher logits into kd_loss; cached: log mean probs",
         "hard_weight": "weight of the gold-label loss next to the soft one",
     }
@@ -65,22 +64,11 @@ class MTDNNKDConfig(TrainConfig):
         default_factory=lambda: ["rotten_tomatoes", "vader:movie=score", "bbc"]
     )
     teacher_tasks: list[str] | None = None
-    teacher: str = "minilm"
     num_teachers: int = 2
     teacher_dropouts: list[float] = field(default_factory=lambda: [0.1, 0.2])
-    student: str = "teacher"
-    student_keep_every: int = 2
-    tokenizer: str = "minilm"
-    pooling: str = "mean"
-    teacher_epochs: float = 2.0
-    teacher_lr: float = 5e-5
-    student_epochs: float = 3.0
-    student_lr: float = 1e-4
-    temperature: float = 1.0
     hard_weight: float = 1.0
     soft_weight: float = 1.0
     kd_form: str = "ensemble"
-    baseline: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -90,8 +78,6 @@ class MTDNNKDConfig(TrainConfig):
             raise ConfigError(f"num_teachers must be >= 1, got {self.num_teachers}")
         if self.kd_form not in KD_FORMS:
             raise ConfigError(f"kd_form must be one of {', '.join(KD_FORMS)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if any(not 0.0 <= p < 1.0 for p in self.teacher_dropouts) or not self.teacher_dropouts:
             raise ConfigError("teacher_dropouts must be values in [0, 1)")
         unknown = set(self.teacher_tasks or []) - {task_spec(t)[0] for t in self.tasks}

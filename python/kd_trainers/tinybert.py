@@ -27,7 +27,7 @@ from transformers import BertForMaskedLM
 
 import kd_kernels as kdk
 from kd_trainers.augment import WordAugmenter, augment_dataset
-from kd_trainers.config import TrainConfig
+from kd_trainers.config import DistillConfig
 from kd_trainers.data import ColumnSpec, load_dataset
 from kd_trainers.errors import ConfigError
 from kd_trainers.evaluation import evaluate
@@ -49,7 +49,7 @@ DESCRIPTION = "TinyBERT: general + task distillation (attention/hidden MSE, then
 
 
 @dataclass
-class TinyBERTConfig(TrainConfig):
+class TinyBERTConfig(DistillConfig):
     HELP: ClassVar[dict[str, str]] = {
         "mode": "task (teacher, baseline, stage 1 + 2) or general (general distillation only)",
         "task": "labelled data: a built-in name (kd-train data list) or a file/folder",
@@ -57,8 +57,6 @@ class TinyBERTConfig(TrainConfig):
         "target": "label (classification) or score (regression)",
         "teacher": "minilm, a local HF directory (a saved fine-tuned teacher skips tuning) "
         "or tiny[:LxH]",
-        "student": "teacher (keep every student_keep_every-th teacher layer) or a model name",
-        "tokenizer": "tokenizer for tiny models (minilm or a directory)",
         "layer_mapping": "uniform, top, bottom or explicit teacher layers, e.g. 1,3,5",
         "hidden_projection": "learn W_h when student and teacher widths differ",
         "attention_threshold": "attention scores <= this count as 0 (TinyBERT: -100)",
@@ -73,22 +71,12 @@ class TinyBERTConfig(TrainConfig):
     task: str = "rotten_tomatoes"
     eval_data: str | None = None
     target: str = "label"
-    teacher: str = "minilm"
-    student: str = "teacher"
-    student_keep_every: int = 2
-    tokenizer: str = "minilm"
-    pooling: str = "mean"
     layer_mapping: str = "uniform"
     hidden_projection: bool = True
     attention_threshold: float = -100.0
     attention_weight: float = 1.0
     hidden_weight: float = 1.0
-    temperature: float = 1.0
     hard_weight: float = 0.0
-    teacher_epochs: float = 2.0
-    teacher_lr: float = 5e-5
-    student_epochs: float = 3.0
-    student_lr: float = 1e-4
     general_data: str | None = None
     general_max: int = 5000
     general_epochs: float = 1.0
@@ -101,7 +89,6 @@ class TinyBERTConfig(TrainConfig):
     augment_prob: float = 0.4
     augment_candidates: int = 15
     augment_mlm: str | None = None
-    baseline: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -109,8 +96,6 @@ class TinyBERTConfig(TrainConfig):
             raise ConfigError(f"mode must be task or general, got {self.mode!r}")
         if self.mode == "general" and not self.general_data:
             raise ConfigError("mode=general needs general_data (e.g. wiki_sentences)")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.augment_copies < 0:
             raise ConfigError(f"augment_copies must be >= 0, got {self.augment_copies}")
 

@@ -136,6 +136,11 @@ def atomic_save(payload: Any, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def significant(value: float) -> float:
+    """7 significant digits: enough to compare backends step by step, short in JSON."""
+    return float(f"{value:.7g}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -347,8 +352,10 @@ def run_stage(
                         "stage": stage.name,
                         "step": step,
                         "epoch": round(step / steps_per_epoch, 4),
-                        "loss": round(final_loss, 6),
-                        **{k: round(float(v) / log_counts[k], 6) for k, v in window_logs.items()},
+                        "loss": significant(final_loss),
+                        **{
+                            k: significant(float(v) / log_counts[k]) for k, v in window_logs.items()
+                        },
                         "lr": scheduler.get_last_lr()[0],
                         "examples_per_s": round(rate, 2),
                     }
