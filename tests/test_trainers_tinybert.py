@@ -2,6 +2,11 @@
 every stage's loss falls, results are written, fused and reference losses agree step by
 step, and a killed run resumes to the same weights as one that never stopped."""
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import yaml
@@ -125,3 +130,26 @@ def test_general_distillation_on_wiki_sentences(tmp_path, cache_dir):
     assert len(values) == 6 and values[-1] < values[0]
     assert (tmp_path / "general_student" / "config.json").is_file()
     assert "task" not in summary(tmp_path)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, cache_dir):
+    """A real signal to a real process (started in the background, where a shell would ignore
+    SIGINT): the run stops with code 130 and a checkpoint, and --resume completes it."""
+    args = [*FAST, "--intermediate-epochs=40", "--baseline=false", "--save-every=0"]
+    command = [sys.executable, "-m", "kd_trainers", "tinybert", f"--output-dir={tmp_path}", *args]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"intermediate"' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert b"interrupted: checkpoint of step" in stderr
+    saved = torch.load(tmp_path / "stages" / "intermediate" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] >= 1
+    resumed = [*args, "--intermediate-epochs=40", f"--max-steps={saved['step'] + 2}", "--resume"]
+    assert run("tinybert", tmp_path, *resumed) == 0
+    steps = [line["step"] for line in metric_lines(tmp_path, "intermediate")]
+    assert steps == list(range(1, saved["step"] + 3))  # lines past the checkpoint replaced

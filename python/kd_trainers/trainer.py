@@ -32,10 +32,30 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from kd_trainers.config import TrainConfig, config_to_yaml
+from kd_trainers.errors import ConfigError
 
 # Test hook: "STAGE:STEP" raises KeyboardInterrupt after that optimizer step, exactly as a
 # Ctrl-C there would, so tests can kill a run at a known point and resume it.
 STOP_AFTER_ENV = "KD_TRAINERS_STOP_AFTER"
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM inside a stage's loop stops it at the next optimizer-step boundary,
+    after that step is logged, so the checkpoint and metrics.jsonl agree; outside the loop,
+    or on a second signal, the stop is immediate."""
+
+    in_loop = False
+    requested = False
+
+
+def request_stop(signum: int, frame: object) -> None:
+    """Signal handler for SIGINT and SIGTERM (installed by the CLI)."""
+    if StopRequest.in_loop and not StopRequest.requested:
+        StopRequest.requested = True
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -67,6 +87,21 @@ class Runtime:
         if self.is_main:
             with open(self.output_dir / "metrics.jsonl", "a") as metrics:
                 metrics.write(json.dumps(entry) + "\n")
+
+    def forget_metrics(self, stage: str, after_step: int) -> None:
+        """Drops ``stage``'s metric lines past ``after_step``: a resumed stage logs them again."""
+        path = self.output_dir / "metrics.jsonl"
+        if not (self.is_main and path.is_file()):
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if not (
+                (entry := json.loads(line)).get("stage") == stage
+                and entry.get("step", 0) > after_step
+            )
+        ]
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
     def write_json(self, name: str, payload: dict) -> None:
         if self.is_main:
@@ -258,7 +293,10 @@ def run_stage(
 
     batches_per_epoch = len(rank_batches(0))
     if batches_per_epoch == 0:
-        raise ValueError(f"stage {stage.name}: no batch to train on (empty data?)")
+        raise ConfigError(
+            f"stage {stage.name}: fewer batches than processes ({runtime.world_size}); "
+            "more data or a smaller batch_size"
+        )
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = max(1, math.ceil(stage.epochs * steps_per_epoch))
     if config.max_steps > 0:
@@ -283,6 +321,8 @@ def run_stage(
         set_rng_state(saved["rng"][min(runtime.rank, len(saved["rng"]) - 1)])
         runtime.log(f"stage {stage.name}: resuming at step {step} from {checkpoint_path}")
     resumed_from = step
+    if config.resume:
+        runtime.forget_metrics(stage.name, step)
     boundary_rng = rng_state()
 
     def save_checkpoint(gather: bool) -> None:
@@ -315,6 +355,7 @@ def run_stage(
     window_loss, window_logs, window_batches, window_examples = 0.0, {}, 0, 0
     log_counts: dict[str, int] = {}
     started, window_start, final_loss = time.perf_counter(), time.perf_counter(), float("nan")
+    StopRequest.in_loop, StopRequest.requested = True, False
     try:
         while step < total_steps:
             batches = rank_batches(epoch)
@@ -369,13 +410,17 @@ def run_stage(
                 progress.update(1)
                 if config.save_every > 0 and step % config.save_every == 0:
                     save_checkpoint(gather=True)
-                if stop_after == f"{stage.name}:{step}":
+                if StopRequest.requested or stop_after == f"{stage.name}:{step}":
                     raise KeyboardInterrupt
+                if batch_index == 0:
+                    break  # a new epoch: its own batch order, from the outer loop
     except KeyboardInterrupt:
         progress.close()
         save_checkpoint(gather=False)
         runtime.log(f"interrupted: checkpoint of step {step} saved; continue with --resume")
         raise
+    finally:
+        StopRequest.in_loop = False
     progress.close()
     seconds = (time.perf_counter() - started) / max(1, step - resumed_from)
     result = StageResult(step, final_loss, seconds, resumed_from)
