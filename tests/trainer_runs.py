@@ -103,3 +103,41 @@ TINY_SCAL = [
     "--progress=false",
     "--threads=1",
 ]
+# Sentence embeddings: 64 wiki sentences, batches of 16, evaluated on 200 Lee pairs (64 tokens).
+TINY_SENTENCE = [
+    "--model=tiny:2x64",
+    "--max-train=64",
+    "--batch-size=16",
+    "--max-length=32",
+    "--eval-data=lee",
+    "--max-eval=200",
+    "--eval-max-length=64",
+    "--log-every=1",
+    "--progress=false",
+    "--threads=1",
+]
+TINY_SIMCSE = [*TINY_SENTENCE, "--epochs=2", "--lr=1e-3"]
+TINY_TRANS_ENCODER = [
+    *TINY_SENTENCE,
+    "--max-pairs=64",
+    "--cross-batch-size=16",
+    "--cross-max-length=64",
+    "--cycles=1",
+    "--simcse-epochs=2",
+    "--simcse-lr=1e-3",
+    "--cross-epochs=2",
+    "--cross-lr=1e-3",
+    "--bi-epochs=3",
+    "--bi-lr=1e-3",
+]
+TINY_PROMPTBERT = [*TINY_SENTENCE, "--epochs=6", "--lr=3e-3"]
+
+
+def epoch_means(output: Path, stage: str, steps_per_epoch: int, key: str = "loss") -> list[float]:
+    """Mean logged value per epoch (one metric line per step): contrastive losses are noisy
+    from batch to batch, an epoch's mean is not."""
+    values = losses(output, stage, key)
+    return [
+        sum(values[i : i + steps_per_epoch]) / steps_per_epoch
+        for i in range(0, len(values), steps_per_epoch)
+    ]

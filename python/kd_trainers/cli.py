@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from kd_trainers.config import add_config_arguments, build_config
 from kd_trainers.errors import ConfigError
+from kd_trainers.trainer import request_stop
 
 # method name -> module; each module has CONFIG (a TrainConfig dataclass), DESCRIPTION and
 # run(config, runtime) -> (summary dict, Markdown result table).
@@ -16,6 +19,10 @@ METHODS = {
     "tinybert": "kd_trainers.tinybert",
     "mtdnn-kd": "kd_trainers.mtdnn_kd",
     "aad": "kd_trainers.aad",
+    "scal": "kd_trainers.scal",
+    "simcse": "kd_trainers.simcse",
+    "trans-encoder": "kd_trainers.trans_encoder",
+    "promptbert": "kd_trainers.promptbert",
 }
 
 
@@ -62,6 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def catch_stop_signals() -> dict:
+    """SIGINT and SIGTERM both stop a run as Ctrl-C does: a checkpoint, then exit code 130
+    (see :class:`kd_trainers.trainer.StopRequest`).
+    (A shell starts background jobs with SIGINT ignored; a scheduler stops jobs with SIGTERM.)
+    Returns the previous handlers, for :func:`restore_signals`."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+
+
+def restore_signals(previous: dict) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
 def run_method(name: str, args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -72,6 +97,7 @@ def run_method(name: str, args: argparse.Namespace) -> int:
     # Our own progress bar and log lines; HF's load reports and shard bars are noise here.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    previous_handlers = catch_stop_signals()
     runtime = setup_runtime(config, name)
     finished = False
     try:
@@ -81,6 +107,7 @@ def run_method(name: str, args: argparse.Namespace) -> int:
         finished = True
     finally:
         teardown_runtime(runtime, wait=finished)
+        restore_signals(previous_handlers)
     return 0
 
 
