@@ -53,9 +53,9 @@ def test_steps_alternate_discriminator_then_encoder(aad_run):
     assert not any("kd" in line for line in ablation) and len(ablation) == 16
 
 
-def test_each_step_moves_only_its_player():
+def tiny_source():
     tokenizer = load_tokenizer("tiny")
-    source = build_model(
+    model = build_model(
         "tiny:2x64",
         [Head("sentiment", 2)],
         vocab_size=len(tokenizer),
@@ -63,6 +63,11 @@ def test_each_step_moves_only_its_player():
         scores=False,
         seed=0,
     )
+    return tokenizer, model
+
+
+def test_each_step_moves_only_its_player():
+    tokenizer, source = tiny_source()
     adaptation = Adaptation(source, AADConfig(temperature=20.0, loss_backend="torch"))
     texts = [Example("good film"), Example("awful, slow and long")]
     inputs = encode(tokenizer, texts, 16, torch.device("cpu"))
@@ -77,15 +82,7 @@ def test_each_step_moves_only_its_player():
 
 
 def test_kd_term_is_t_squared_kl_of_source_to_target():
-    tokenizer = load_tokenizer("tiny")
-    source = build_model(
-        "tiny:2x64",
-        [Head("sentiment", 2)],
-        vocab_size=len(tokenizer),
-        pooling="mean",
-        scores=False,
-        seed=0,
-    )
+    tokenizer, source = tiny_source()
     adaptation = Adaptation(source, AADConfig(temperature=20.0, loss_backend="torch")).eval()
     with torch.no_grad():
         for p in adaptation.target.encoder.parameters():

@@ -29,10 +29,9 @@ import kd_kernels as kdk
 from kd_trainers.config import TrainConfig
 from kd_trainers.data import ColumnSpec, TextDataset, load_dataset
 from kd_trainers.errors import ConfigError
-from kd_trainers.evaluation import evaluate
 from kd_trainers.models import SequenceModel, build_model, encode, load_tokenizer
 from kd_trainers.report import markdown_table
-from kd_trainers.tasks import Task, cache_of, load_task, supervised_loss
+from kd_trainers.tasks import Task, cache_of, fine_tune, load_task, task_metrics
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
 DESCRIPTION = "AAD: adversarial domain adaptation of BERT with knowledge distillation"
@@ -186,14 +185,7 @@ class AAD:
         )
 
     def supervised(self, name: str, model: SequenceModel, task: Task, epochs: float, lr: float):
-        def loss_fn(wrapped, batch):
-            examples = [task.train[i] for i in batch]
-            logits, _ = wrapped(self.encode(examples))
-            return supervised_loss(logits, examples, self.head), {}
-
-        size, batch, seed = len(task.train), self.config.batch_size, self.config.seed
-        plan = lambda epoch: shuffled_batches(size, batch, seed, epoch)  # noqa: E731
-        return run_stage(self.runtime, Stage(name, epochs, lr), model, loss_fn, plan)
+        return fine_tune(self.runtime, name, model, task, self.tokenizer, epochs, lr)
 
     def adaptation_plan(self, epoch: int) -> list[tuple[str, list[int], list[int]]]:
         """One epoch over the target batches; each pairs with a source batch (source order
@@ -230,15 +222,7 @@ class AAD:
         return adaptation.target
 
     def accuracy(self, model: SequenceModel, task: Task) -> dict[str, float]:
-        return evaluate(
-            model,
-            self.tokenizer,
-            task.eval.examples,
-            self.head,
-            max_length=self.config.max_length,
-            batch_size=self.config.eval_batch_size,
-            device=self.runtime.device,
-        )
+        return task_metrics(model, self.tokenizer, task, self.runtime)
 
 
 def unlabelled_task(config: AADConfig, head) -> Task:

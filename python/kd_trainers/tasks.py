@@ -13,7 +13,9 @@ from torch.nn import functional as F
 from kd_trainers.config import TrainConfig
 from kd_trainers.data import ColumnSpec, TextDataset, load_splits
 from kd_trainers.errors import ConfigError
-from kd_trainers.models import Head
+from kd_trainers.evaluation import evaluate
+from kd_trainers.models import Head, SequenceModel, encode
+from kd_trainers.trainer import Runtime, Stage, StageResult, run_stage, shuffled_batches
 
 TARGETS = ("label", "score")
 
@@ -85,3 +87,33 @@ def supervised_loss(logits: torch.Tensor, examples: Sequence, head: Head) -> tor
 
 def labels_of(examples: Sequence, device: torch.device) -> torch.Tensor:
     return torch.tensor([e.label for e in examples], device=device)
+
+
+def fine_tune(
+    runtime: Runtime, name: str, model: SequenceModel, task: Task, tokenizer, epochs, lr
+) -> StageResult:
+    """Stage ``name``: ``model``'s head for ``task`` trained on its labels (CE or MSE)."""
+    config = runtime.config
+
+    def loss_fn(wrapped, batch):
+        examples = [task.train[i] for i in batch]
+        inputs = encode(tokenizer, examples, config.max_length, runtime.device)
+        logits, _ = wrapped(inputs, task=task.head.name)
+        return supervised_loss(logits, examples, task.head), {}
+
+    size, batch_size, seed = len(task.train), config.batch_size, config.seed
+    plan = lambda epoch: shuffled_batches(size, batch_size, seed, epoch)  # noqa: E731
+    return run_stage(runtime, Stage(name, epochs, lr), model, loss_fn, plan)
+
+
+def task_metrics(model: SequenceModel, tokenizer, task: Task, runtime: Runtime) -> dict:
+    """The head's metrics on ``task``'s held-out split."""
+    return evaluate(
+        model,
+        tokenizer,
+        task.eval.examples,
+        task.head,
+        max_length=runtime.config.max_length,
+        batch_size=runtime.config.eval_batch_size,
+        device=runtime.device,
+    )

@@ -30,7 +30,6 @@ from kd_trainers.augment import WordAugmenter, augment_dataset
 from kd_trainers.config import DistillConfig
 from kd_trainers.data import ColumnSpec, load_dataset
 from kd_trainers.errors import ConfigError
-from kd_trainers.evaluation import evaluate
 from kd_trainers.models import (
     Head,
     SequenceModel,
@@ -42,7 +41,7 @@ from kd_trainers.models import (
     saved_heads,
 )
 from kd_trainers.report import markdown_table
-from kd_trainers.tasks import Task, cache_of, labels_of, load_task, supervised_loss
+from kd_trainers.tasks import Task, cache_of, fine_tune, labels_of, load_task, task_metrics
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
 DESCRIPTION = "TinyBERT: general + task distillation (attention/hidden MSE, then soft CE)"
@@ -267,25 +266,10 @@ class TinyBERT:
         return wrapped, result
 
     def fine_tune(self, name: str, model: SequenceModel, task: Task, epochs, lr):
-        def loss_fn(wrapped, batch):
-            examples = [task.train[i] for i in batch]
-            logits, _ = wrapped(self.encode(examples))
-            return supervised_loss(logits, examples, task.head), {}
-
-        return run_stage(
-            self.runtime, Stage(name, epochs, lr), model, loss_fn, self.plan(task.train)
-        )
+        return fine_tune(self.runtime, name, model, task, self.tokenizer, epochs, lr)
 
     def evaluate(self, model: SequenceModel, task: Task) -> dict[str, float]:
-        return evaluate(
-            model,
-            self.tokenizer,
-            task.eval.examples,
-            task.head,
-            max_length=self.config.max_length,
-            batch_size=self.config.eval_batch_size,
-            device=self.runtime.device,
-        )
+        return task_metrics(model, self.tokenizer, task, self.runtime)
 
 
 def teacher_is_tuned(config: TinyBERTConfig, task: Task) -> bool:
