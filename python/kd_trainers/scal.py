@@ -67,7 +67,7 @@ class SCALConfig(TrainConfig):
     task: str = "rotten_tomatoes"
     eval_data: str | None = None
     unlabeled_data: str = "wiki_sentences"
-    similarity_data: list[str] = field(default_factory=lambda: ["lee"])
+    similarity_data: list[str] = field(default_factory=lambda: ["lee", "simlex999", "wordsim353"])
     model: str = "minilm"
     tokenizer: str = "minilm"
     pooling: str = "mean"
