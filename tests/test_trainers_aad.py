@@ -2,8 +2,6 @@
 (movie -> amazon): alternating discriminator / encoder steps, the KD term only where it
 belongs, results for every model, resume, backends, errors."""
 
-import copy
-
 import pytest
 import torch
 from trainer_runs import TINY_AAD, final_weights, losses, metric_lines, run, summary
@@ -68,7 +66,9 @@ def tiny_source():
 
 def test_each_step_moves_only_its_player():
     tokenizer, source = tiny_source()
-    adaptation = Adaptation(source, AADConfig(temperature=20.0, loss_backend="torch"))
+    adaptation = Adaptation(
+        source, AADConfig(temperature=20.0, loss_backend="torch"), kd_weight=1.0
+    )
     texts = [Example("good film"), Example("awful, slow and long")]
     inputs = encode(tokenizer, texts, 16, torch.device("cpu"))
     for kind, moving in (("discriminator", "discriminator."), ("encoder", "target.encoder.")):
@@ -83,7 +83,9 @@ def test_each_step_moves_only_its_player():
 
 def test_kd_term_is_t_squared_kl_of_source_to_target():
     tokenizer, source = tiny_source()
-    adaptation = Adaptation(source, AADConfig(temperature=20.0, loss_backend="torch")).eval()
+    adaptation = Adaptation(
+        source, AADConfig(temperature=20.0, loss_backend="torch"), kd_weight=1.0
+    ).eval()
     with torch.no_grad():
         for p in adaptation.target.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -144,10 +146,3 @@ def test_unlabelled_target_file(tmp_path, cache_dir):
 def test_same_source_and_target_is_an_error(capsys, tmp_path):
     assert run("aad", tmp_path, *TINY_AAD, "--target=vader:movie") == 2
     assert "source and target are the same data" in capsys.readouterr().err
-
-
-def test_config_copy_keeps_weights_independent():
-    config = AADConfig()
-    other = copy.copy(config)
-    other.kd_weight = 0.0
-    assert config.kd_weight == 1.0

@@ -27,11 +27,11 @@ from torch.nn import functional as F
 
 import kd_kernels as kdk
 from kd_trainers.config import TrainConfig
-from kd_trainers.data import ColumnSpec, TextDataset, load_dataset
+from kd_trainers.data import TextDataset
 from kd_trainers.errors import ConfigError
 from kd_trainers.models import SequenceModel, build_model, encode, load_tokenizer
 from kd_trainers.report import markdown_table
-from kd_trainers.tasks import Task, cache_of, fine_tune, load_task, task_metrics
+from kd_trainers.tasks import Task, fine_tune, load_task, load_unlabeled, task_metrics
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
 DESCRIPTION = "AAD: adversarial domain adaptation of BERT with knowledge distillation"
@@ -93,11 +93,12 @@ class Adaptation(nn.Module):
     ``forward(kind, source_inputs, target_inputs)`` returns (loss, logs) for one alternating
     step: ``kind="discriminator"`` moves only D, ``kind="encoder"`` only E_t. The frozen
     source model is held outside the module's parameters (not trained, not checkpointed).
+    ``kd_weight`` (0 for the adversarial-only ablation) weights the distillation term.
     """
 
-    def __init__(self, source: SequenceModel, config: AADConfig):
+    def __init__(self, source: SequenceModel, config: AADConfig, kd_weight: float):
         super().__init__()
-        self.config = config
+        self.config, self.kd_weight = config, kd_weight
         self.target = copy.deepcopy(source)
         for parameter in self.target.heads.parameters():
             parameter.requires_grad_(False)
@@ -137,7 +138,7 @@ class Adaptation(nn.Module):
         )
         loss = self.config.adversarial_weight * adversarial
         logs = {"adversarial": adversarial.detach()}
-        if self.config.kd_weight > 0:
+        if self.kd_weight > 0:
             with torch.no_grad():
                 teacher = source.head()(source_features).float()
             student = self.target.head()(self.target.embed(source_inputs)).float()
@@ -148,7 +149,7 @@ class Adaptation(nn.Module):
                 kind="kl",
                 backend=self.config.loss_backend,
             )
-            loss = loss + self.config.kd_weight * distill
+            loss = loss + self.kd_weight * distill
             logs["kd"] = distill.detach()
         return loss, logs
 
@@ -201,9 +202,8 @@ class AAD:
         return plan
 
     def adapt(self, name: str, source_model: SequenceModel, kd_weight: float) -> SequenceModel:
-        config = copy.copy(self.config)
-        config.kd_weight = kd_weight
-        adaptation = Adaptation(source_model, config)
+        config = self.config
+        adaptation = Adaptation(source_model, config, kd_weight)
 
         def loss_fn(model, batch):
             kind, source_batch, target_batch = batch
@@ -227,11 +227,7 @@ class AAD:
 
 def unlabelled_task(config: AADConfig, head) -> Task:
     """A target with text only: all of it trains E_t and D; nothing is scored on it."""
-    columns = ColumnSpec(text=config.text_column, label=None, score=None)
-    data = load_dataset(config.target, columns=columns, cache_dir=cache_of(config))
-    if isinstance(data, dict):
-        data = data.get("train") or next(iter(data.values()))
-    data = data.subset(config.max_train or None, config.seed)
+    data = load_unlabeled(config, config.target, config.max_train)
     return Task(head, data, TextDataset(data.name, []))
 
 

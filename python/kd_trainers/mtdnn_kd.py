@@ -39,7 +39,7 @@ from kd_trainers.models import (
     make_student,
 )
 from kd_trainers.report import markdown_table
-from kd_trainers.tasks import Task, head_name, load_task, supervised_loss
+from kd_trainers.tasks import Task, head_name, labels_of, load_task, supervised_loss
 from kd_trainers.trainer import Runtime, Stage, atomic_save, run_stage, shuffled_batches
 
 DESCRIPTION = "MT-DNN-KD: multi-task student distilled from an ensemble of multi-task teachers"
@@ -202,7 +202,7 @@ def distill_loss(method: MultiTask, targets: dict[str, torch.Tensor], model, bat
         teacher = torch.logsumexp(teacher.log_softmax(-1), 0) - torch.log(
             torch.tensor(float(teacher.shape[0]))
         )
-    labels = torch.tensor([e.label for e in examples], device=logits.device)
+    labels = labels_of(examples, logits.device)
     loss = kdk.kd_loss(
         logits,
         teacher,

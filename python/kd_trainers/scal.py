@@ -26,7 +26,6 @@ from torch.nn import functional as F
 import kd_kernels as kdk
 from kd_trainers.adversarial import embedding_perturbation
 from kd_trainers.config import TrainConfig
-from kd_trainers.data import ColumnSpec, load_dataset
 from kd_trainers.errors import ConfigError
 from kd_trainers.models import Head, SequenceModel, build_model, encode, load_tokenizer
 from kd_trainers.report import markdown_table
@@ -37,7 +36,7 @@ from kd_trainers.sentence import (
     load_pair_sets,
     text_inputs,
 )
-from kd_trainers.tasks import cache_of, load_task
+from kd_trainers.tasks import labels_of, load_task, load_unlabeled
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
 DESCRIPTION = "SCAL / USCAL: contrastive adversarial training in the embedding space"
@@ -213,7 +212,7 @@ def robust_accuracy(
     for start in range(0, len(examples), config.eval_batch_size):
         batch = examples[start : start + config.eval_batch_size]
         inputs = encode(tokenizer, batch, config.max_length, device)
-        labels = torch.tensor([e.label for e in batch], device=device)
+        labels = labels_of(batch, device)
         for name, steps in attacks.items():
             correct[name] += attacked_correct(model, inputs, labels, config.attack_epsilon, steps)
     model.train(was_training)
@@ -241,14 +240,7 @@ def run(config: SCALConfig, runtime: Runtime) -> tuple[dict, str]:
         variants = (("plain", False, 0.0), ("adversarial", True, 0.0))
         variants += (("scal", True, config.contrastive_weight),)
     else:
-        train = load_dataset(
-            config.unlabeled_data,
-            columns=ColumnSpec(text=config.text_column, label=None, score=None),
-            cache_dir=cache_of(config),
-        )
-        if isinstance(train, dict):
-            train = train.get("train") or next(iter(train.values()))
-        train = train.subset(config.max_train or None, config.seed)
+        train = load_unlabeled(config, config.unlabeled_data, config.max_train)
         head = Head("unused", 1, "regression")
         variants = (("simcse", True, 0.0), ("uscal", True, config.alpha))
     runtime.log(f"{config.mode}: {len(train)} training examples")
@@ -287,9 +279,7 @@ def run(config: SCALConfig, runtime: Runtime) -> tuple[dict, str]:
         def loss_fn(model, indices):
             examples = [train[i] for i in indices]
             inputs = encode(tokenizer, examples, config.max_length, device)
-            labels = (
-                torch.tensor([e.label for e in examples], device=device) if supervised else None
-            )
+            labels = labels_of(examples, device) if supervised else None
             return model(inputs, labels)
 
         run_stage(

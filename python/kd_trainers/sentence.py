@@ -28,7 +28,7 @@ from kd_trainers.config import TrainConfig
 from kd_trainers.data import ColumnSpec, Example, TextDataset, load_dataset
 from kd_trainers.errors import ConfigError
 from kd_trainers.models import encode, load_encoder, student_from_teacher
-from kd_trainers.tasks import cache_of, head_name
+from kd_trainers.tasks import cache_of, first_split, head_name, load_unlabeled
 
 POOLINGS = ("cls", "mean", "mask")
 # The inputs a BertModel takes; prompt batches also carry ``mask_positions``.
@@ -240,14 +240,6 @@ def save_encoder(encoder: BertModel, tokenizer, directory: Path, **info: object)
     (directory / "sentence.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def first_split(loaded: TextDataset | dict[str, TextDataset], order: Sequence[str]):
-    """A dataset, or the first of ``order`` (then any) split of a DatasetDict folder."""
-    if isinstance(loaded, TextDataset):
-        return loaded
-    name = next((n for n in order if n in loaded), next(iter(loaded)))
-    return loaded[name]
-
-
 def load_pair_sets(config: SentenceConfig) -> dict[str, list[Example]]:
     """Name -> scored pairs of every ``eval_data`` entry, each capped at ``max_eval`` (a seeded
     sample). A DatasetDict folder gives its test split, else validation, else train."""
@@ -266,15 +258,8 @@ def load_pair_sets(config: SentenceConfig) -> dict[str, list[Example]]:
 
 
 def load_texts(config: SentenceConfig, spec: str, cap: int) -> list[str]:
-    """Unlabeled training texts: ``text_column`` of ``spec`` (its train split if a DatasetDict
-    folder), empty ones dropped, then a seeded sample of ``cap`` (0: all)."""
-    columns = ColumnSpec(text=config.text_column, label=None, score=None)
-    loaded = load_dataset(spec, columns=columns, cache_dir=cache_of(config))
-    dataset = first_split(loaded, ("train",))
-    kept = TextDataset(dataset.name, [e for e in dataset.examples if e.text.strip()])
-    if not kept.examples:
-        raise ConfigError(f"training data {spec!r} has no non-empty text")
-    return [e.text for e in kept.subset(cap or None, config.seed).examples]
+    """The texts of :func:`kd_trainers.tasks.load_unlabeled`."""
+    return [e.text for e in load_unlabeled(config, spec, cap).examples]
 
 
 def results_table(

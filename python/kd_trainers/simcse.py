@@ -35,14 +35,13 @@ from kd_trainers.sentence import (
     build_encoder,
     check_pooling,
     evaluate_bi_encoder,
-    first_split,
     load_pair_sets,
     load_texts,
     results_table,
     save_encoder,
     text_inputs,
 )
-from kd_trainers.tasks import cache_of
+from kd_trainers.tasks import cache_of, first_split
 from kd_trainers.trainer import Runtime, Stage, StageResult, run_stage, shuffled_batches
 
 DESCRIPTION = "SimCSE: contrastive sentence embeddings (dropout views, or hard negatives)"

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from kd_trainers.config import TrainConfig
-from kd_trainers.data import ColumnSpec, TextDataset, load_splits
+from kd_trainers.data import ColumnSpec, TextDataset, load_dataset, load_splits
 from kd_trainers.errors import ConfigError
 from kd_trainers.evaluation import evaluate
 from kd_trainers.models import Head, SequenceModel, encode
@@ -41,6 +41,26 @@ def columns_of(config: TrainConfig, target: str) -> ColumnSpec:
 
 def cache_of(config: TrainConfig) -> Path | None:
     return Path(config.data_cache).expanduser() if config.data_cache else None
+
+
+def first_split(loaded: TextDataset | dict[str, TextDataset], order: Sequence[str]):
+    """A dataset, or the first of ``order`` (then any) split of a DatasetDict folder."""
+    if isinstance(loaded, TextDataset):
+        return loaded
+    name = next((n for n in order if n in loaded), next(iter(loaded)))
+    return loaded[name]
+
+
+def load_unlabeled(config: TrainConfig, spec: str, cap: int) -> TextDataset:
+    """Unlabeled text: ``text_column`` of ``spec`` (its train split if a DatasetDict folder),
+    empty texts dropped, then a seeded sample of ``cap`` (0: all)."""
+    columns = ColumnSpec(text=config.text_column, label=None, score=None)
+    loaded = load_dataset(spec, columns=columns, cache_dir=cache_of(config))
+    dataset = first_split(loaded, ("train",))
+    kept = TextDataset(dataset.name, [e for e in dataset.examples if e.text.strip()])
+    if not kept.examples:
+        raise ConfigError(f"training data {spec!r} has no non-empty text")
+    return kept.subset(cap or None, config.seed)
 
 
 def head_name(spec: str) -> str:

@@ -28,7 +28,6 @@ from transformers import BertForMaskedLM
 import kd_kernels as kdk
 from kd_trainers.augment import WordAugmenter, augment_dataset
 from kd_trainers.config import DistillConfig
-from kd_trainers.data import ColumnSpec, load_dataset
 from kd_trainers.errors import ConfigError
 from kd_trainers.models import (
     Head,
@@ -41,7 +40,14 @@ from kd_trainers.models import (
     saved_heads,
 )
 from kd_trainers.report import markdown_table
-from kd_trainers.tasks import Task, cache_of, fine_tune, labels_of, load_task, task_metrics
+from kd_trainers.tasks import (
+    Task,
+    fine_tune,
+    labels_of,
+    load_task,
+    load_unlabeled,
+    task_metrics,
+)
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
 DESCRIPTION = "TinyBERT: general + task distillation (attention/hidden MSE, then soft CE)"
@@ -297,12 +303,7 @@ def run(config: TinyBERTConfig, runtime: Runtime) -> tuple[dict, str]:
     check_compatible(config, start, teacher)  # fail now, not after the teacher has trained
     results: dict[str, dict] = {}
     if config.general_data:
-        # Unlabeled text: only the text column is read.
-        columns = ColumnSpec(text=config.text_column, label=None, score=None)
-        unlabeled = load_dataset(config.general_data, columns=columns, cache_dir=cache_of(config))
-        if isinstance(unlabeled, dict):
-            unlabeled = unlabeled.get("train") or next(iter(unlabeled.values()))
-        unlabeled = unlabeled.subset(config.general_max or None, config.seed)
+        unlabeled = load_unlabeled(config, config.general_data, config.general_max)
         general, steps = method.distill_layers(
             "general",
             start,

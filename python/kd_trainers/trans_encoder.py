@@ -44,7 +44,6 @@ from kd_trainers.sentence import (
     cosine_scores,
     evaluate_bi_encoder,
     evaluating,
-    first_split,
     load_pair_sets,
     load_texts,
     pair_metrics,
@@ -54,7 +53,7 @@ from kd_trainers.sentence import (
     text_inputs,
 )
 from kd_trainers.simcse import contrastive_stage
-from kd_trainers.tasks import cache_of
+from kd_trainers.tasks import cache_of, first_split
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
 DESCRIPTION = "Trans-Encoder: bi- and cross-encoder distilled into each other on unlabeled pairs"
