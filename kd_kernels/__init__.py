@@ -7,12 +7,14 @@ Example: ``kdk.kd_loss(student_logits, teacher_logits, temperature=2.0)`` after
 from kd_kernels import nn
 from kd_kernels._backend import available_backends
 from kd_kernels.functional import attention_mse_loss, hidden_mse_loss, info_nce_loss, kd_loss
+from kd_kernels.fused_linear import fused_linear_kd_loss
 from kd_kernels.layer_map import LayerMap, layer_map
 
 __all__ = [
     "LayerMap",
     "attention_mse_loss",
     "available_backends",
+    "fused_linear_kd_loss",
     "hidden_mse_loss",
     "info_nce_loss",
     "kd_loss",

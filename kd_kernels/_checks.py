@@ -37,9 +37,10 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 
 
 def check_row_tensor(
-    name: str, value: object, row_shape: torch.Size, device: torch.device, *, kind: str
+    name: str, value: object, row_shape: torch.Size | None, device: torch.device, *, kind: str
 ) -> None:
-    """A per-row tensor (mask: kind="bool", labels: kind="int") of shape ``row_shape``."""
+    """A per-row tensor (mask: kind="bool", labels: kind="int") of shape ``row_shape``
+    (None: any shape)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if kind == "bool" and value.dtype != torch.bool:
@@ -48,7 +49,7 @@ def check_row_tensor(
         value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
     ):
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-    if value.shape != row_shape:
+    if row_shape is not None and value.shape != row_shape:
         raise ValueError(
             f"{name} must have the logits' row shape {tuple(row_shape)}, got {tuple(value.shape)}"
         )
@@ -143,3 +144,49 @@ def check_token_mask(
             f"attention_mask is on {attention_mask.device}, the inputs on {layers[0].device}"
         )
     return (attention_mask != 0).contiguous()
+
+
+def check_teacher_topk(
+    teacher_topk: object,
+    row_shape: torch.Size,
+    num_classes: int,
+    device: torch.device,
+    remainder: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse teacher ``(indices, logprobs)``, both (..., k) over the student's rows.
+
+    Returns (int64 indices, logprobs). In eager mode also checks, with one host sync each, that
+    indices lie in [0, C) and are distinct per row, and, for ``remainder="spread"``, that the
+    logprobs are log-probabilities (their exp sums to at most 1 per row).
+    """
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError(
+            "teacher_topk must be a pair (indices, logprobs) of (..., k) tensors, got "
+            f"{type(teacher_topk).__name__}"
+        )
+    indices, logprobs = teacher_topk
+    check_row_tensor("teacher_topk indices", indices, None, device, kind="int")
+    check_float_tensor("teacher_topk logprobs", logprobs)
+    if indices.shape != logprobs.shape or indices.shape[:-1] != row_shape or indices.dim() == 0:
+        raise ValueError(
+            f"teacher_topk indices and logprobs must both be (..., k) with the student's rows "
+            f"{tuple(row_shape)}, got {tuple(indices.shape)} and {tuple(logprobs.shape)}"
+        )
+    k = indices.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"teacher_topk k must be in [1, C={num_classes}], got k={k}")
+    if logprobs.device != device:
+        raise ValueError(f"teacher_topk logprobs are on {logprobs.device}, the student on {device}")
+    indices = indices.to(torch.int64)
+    if not torch.compiler.is_compiling():
+        if labels_out_of_range(indices, num_classes):
+            raise ValueError(f"teacher_topk indices must lie in [0, {num_classes})")
+        ordered = indices.sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            raise ValueError("teacher_topk indices must be distinct within each row")
+        if remainder == "spread" and bool((logprobs.float().exp().sum(-1) > 1.0 + 1e-3).any()):
+            raise ValueError(
+                "teacher_topk logprobs must be log-probabilities (exp sums to <= 1 per row) "
+                "for topk_remainder='spread'; logits can only be renormalized"
+            )
+    return indices, logprobs

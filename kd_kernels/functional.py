@@ -19,6 +19,7 @@ from kd_kernels._checks import (
     check_layer_pairs,
     check_row_tensor,
     check_same_device,
+    check_teacher_topk,
     check_temperature,
     check_token_mask,
     labels_out_of_range,
@@ -29,8 +30,10 @@ __all__ = ["attention_mse_loss", "hidden_mse_loss", "info_nce_loss", "kd_loss"]
 
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    topk_remainder: str = "renormalize",
     temperature: float = 1.0,
     kind: str = "kl",
     reduction: str = "batchmean",
@@ -50,10 +53,20 @@ def kd_loss(
         student_logits: (..., C) float tensor; the only input that receives a gradient.
         teacher_logits: (..., C) like the student, or (K, ..., C) for an ensemble of K
             teachers whose probabilities (not logits) are averaged, as in MT-DNN-KD.
+        teacher_topk: instead of ``teacher_logits``, a sparse teacher as stored offline:
+            ``(indices, logprobs)``, both (..., k), int indices (distinct per row) and the
+            teacher's log-probabilities of those classes at temperature 1.
+        topk_remainder: what the sparse teacher gives the other C - k classes:
+            ``"renormalize"`` nothing (p_T is the softmax of the top k alone) or ``"spread"``
+            its missing mass 1 - sum exp(logprobs), split evenly. The dense equivalent is
+            ``reference.topk_teacher_logits``; it is built in the student's dtype (one
+            (..., C) buffer; ``fused_linear_kd_loss`` builds it chunk by chunk).
         temperature: t > 0. With p_S = softmax(student / t), p_T = softmax(teacher / t):
         kind: per row, ``"kl"``: sum p_T (log p_T - log p_S); ``"soft_ce"``:
             sum -p_T log p_S; ``"reverse_kl"``: sum p_S (log p_S - log p_T); ``"jsd"``:
             beta KL(p_T || m) + (1 - beta) KL(p_S || m) with m = beta p_T + (1 - beta) p_S.
+            (``reverse_kl`` against a renormalized top-k teacher is +inf unless the student
+            puts no mass outside the top k.)
         scale_t2: multiply the soft term by t^2 (Hinton), so gradients keep their size.
         mask: bool (...), rows where it is False do not count.
         labels: int (...), rows equal to ``ignore_index`` do not count; with
@@ -73,50 +86,40 @@ def kd_loss(
     gives +inf. A counted row holding NaN or +inf gives a NaN loss (and NaN gradient row).
     """
     check_float_tensor("student_logits", student_logits)
-    check_float_tensor("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
-    if teacher_logits.dtype != student_logits.dtype:
-        raise TypeError(
-            f"student_logits and teacher_logits must share a dtype, got {student_logits.dtype} "
-            f"and {teacher_logits.dtype}; cast the teacher with .to(student_logits.dtype)"
-        )
-    if teacher_logits.shape == student_logits.shape:
-        num_teachers = 1
-    elif (
-        teacher_logits.dim() == student_logits.dim() + 1
-        and teacher_logits.shape[1:] == student_logits.shape
-        and teacher_logits.shape[0] >= 1
-    ):
-        num_teachers = teacher_logits.shape[0]
-    else:
-        raise ValueError(
-            "teacher_logits must have the student's shape (..., C) or (K, ..., C) for an "
-            f"ensemble; got student {tuple(student_logits.shape)}, "
-            f"teacher {tuple(teacher_logits.shape)}"
-        )
-    check_temperature(temperature)
-    check_choice("kind", kind, reference.KD_KINDS)
-    check_choice("reduction", reduction, reference.KD_REDUCTIONS)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     if num_classes == 0:
         raise ValueError("student_logits has 0 classes")
-    if mask is not None:
-        check_row_tensor("mask", mask, row_shape, student_logits.device, kind="bool")
-    if labels is not None:
-        check_row_tensor("labels", labels, row_shape, student_logits.device, kind="int")
-        if not torch.compiler.is_compiling() and labels_out_of_range(
-            labels, num_classes, ignore_index
-        ):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
-            )
-    elif hard_weight != 0.0:
-        raise ValueError(f"hard_weight={hard_weight} needs labels, got labels=None")
+    check_kd_options(
+        temperature,
+        kind,
+        reduction,
+        beta,
+        row_shape,
+        num_classes,
+        student_logits.device,
+        mask=mask,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+    )
+    if teacher_topk is not None:
+        if teacher_logits is not None:
+            raise ValueError("pass the teacher once: teacher_logits or teacher_topk, not both")
+        check_choice("topk_remainder", topk_remainder, reference.TOPK_REMAINDERS)
+        indices, logprobs = check_teacher_topk(
+            teacher_topk, row_shape, num_classes, student_logits.device, topk_remainder
+        )
+        teacher_logits = reference.topk_teacher_logits(
+            indices, logprobs.detach(), num_classes, topk_remainder
+        ).to(student_logits.dtype)
+    elif teacher_logits is None:
+        raise ValueError("kd_loss needs a teacher: teacher_logits or teacher_topk")
+    num_teachers = check_teacher_logits(
+        teacher_logits, student_logits.shape, student_logits.dtype, student_logits.device
+    )
 
     chosen = resolve_backend(backend, student_logits.device, student_logits.dtype)
     options = dict(
@@ -181,6 +184,98 @@ def _kd_ops(backend: str):
     return ops.kd_loss_forward, ops.kd_loss_forward_out
 
 
+def check_kd_options(
+    temperature: object,
+    kind: str,
+    reduction: str,
+    beta: float,
+    row_shape: torch.Size,
+    num_classes: int,
+    device: torch.device,
+    *,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    hard_weight: float,
+) -> None:
+    """The checks of kd_loss's options and per-row tensors, shared with fused_linear_kd_loss."""
+    check_temperature(temperature)
+    check_choice("kind", kind, reference.KD_KINDS)
+    check_choice("reduction", reduction, reference.KD_REDUCTIONS)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if mask is not None:
+        check_row_tensor("mask", mask, row_shape, device, kind="bool")
+    if labels is not None:
+        check_row_tensor("labels", labels, row_shape, device, kind="int")
+        if not torch.compiler.is_compiling() and labels_out_of_range(
+            labels, num_classes, ignore_index
+        ):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
+            )
+    elif hard_weight != 0.0:
+        raise ValueError(f"hard_weight={hard_weight} needs labels, got labels=None")
+
+
+def check_teacher_logits(
+    teacher: torch.Tensor, student_shape: torch.Size, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Teacher logits shaped like the student's (..., C) or (K, ..., C); returns K."""
+    check_float_tensor("teacher_logits", teacher)
+    if teacher.device != device:
+        raise ValueError(
+            f"inputs must be on one device, got the student on {device}, "
+            f"teacher_logits on {teacher.device}"
+        )
+    if teacher.dtype != dtype:
+        raise TypeError(
+            f"student_logits and teacher_logits must share a dtype, got {dtype} and "
+            f"{teacher.dtype}; cast the teacher with .to(student_logits.dtype)"
+        )
+    if teacher.shape == student_shape:
+        return 1
+    if (
+        teacher.dim() == len(student_shape) + 1
+        and teacher.shape[1:] == student_shape
+        and teacher.shape[0] >= 1
+    ):
+        return teacher.shape[0]
+    raise ValueError(
+        "teacher_logits must have the student's shape (..., C) or (K, ..., C) for an ensemble; "
+        f"got student {tuple(student_shape)}, teacher {tuple(teacher.shape)}"
+    )
+
+
+def counted_rows(
+    num_rows: int,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """(N,) bool, the rows that count (mask True, label != ignore_index); None: all count."""
+    if mask is None and labels is None:
+        return None
+    counted = torch.ones(num_rows, dtype=torch.bool, device=device)
+    if mask is not None:
+        counted = counted & mask
+    if labels is not None:
+        counted = counted & (labels != ignore_index)
+    return counted
+
+
+def row_divisor(
+    reduction: str, num_rows: int, num_classes: int, counted: torch.Tensor | None
+) -> torch.Tensor | int:
+    """What the sum of row losses is divided by: 1 ("sum"), the counted rows ("batchmean")
+    or counted rows * C ("mean"), at least 1. Counted on the device (no host sync)."""
+    if reduction == "sum":
+        return 1
+    count = max(num_rows, 1) if counted is None else counted.sum().clamp_min(1)
+    return count if reduction == "batchmean" else count * num_classes
+
+
 def _reduce_rows(
     row_loss: torch.Tensor,
     reduction: str,
@@ -193,21 +288,8 @@ def _reduce_rows(
     """Applies ``reduction`` to per-row losses, counting rows on the device (no host sync)."""
     if reduction == "none":
         return row_loss.reshape(row_shape)
-    total = row_loss.sum()
-    if reduction == "sum":
-        return total
-    if mask is None and labels is None:
-        counted = max(row_loss.shape[0], 1)
-    else:
-        counted_rows = torch.ones_like(row_loss, dtype=torch.bool)
-        if mask is not None:
-            counted_rows = counted_rows & mask
-        if labels is not None:
-            counted_rows = counted_rows & (labels != ignore_index)
-        counted = counted_rows.sum().clamp_min(1)
-    if reduction == "batchmean":
-        return total / counted
-    return total / (counted * num_classes)
+    counted = counted_rows(row_loss.shape[0], mask, labels, ignore_index, row_loss.device)
+    return row_loss.sum() / row_divisor(reduction, row_loss.shape[0], num_classes, counted)
 
 
 def attention_mse_loss(

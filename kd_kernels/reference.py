@@ -8,6 +8,8 @@ They also serve as the ``backend="torch"`` implementation. Argument checking liv
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 KD_KINDS = ("kl", "soft_ce", "reverse_kl", "jsd")
@@ -59,33 +61,47 @@ def kd_row_losses(
     dtype = _compute_dtype(student)
     log_p_s = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    log_p_t = mix_teachers(teacher_log_probs)
+    per_class = kd_class_terms(log_p_s, log_p_t, kind=kind, beta=beta)
+    rows = per_class.sum(dim=-1)
+    return rows * (temperature * temperature) if scale_t2 else rows
+
+
+def mix_teachers(teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """log p_T of an ensemble from its members' (K, ...) log-probabilities.
+
+    MT-DNN-KD averages the teachers' probabilities, not their logits:
+    log p_T = logsumexp_k log p_k - log K.
+    """
     if teacher_log_probs.shape[0] == 1:
-        log_p_t = teacher_log_probs[0]
-    else:
-        # MT-DNN-KD averages the teachers' probabilities, not their logits.
-        num_teachers = teacher_log_probs.shape[0]
-        log_p_t = torch.logsumexp(teacher_log_probs, dim=0) - torch.log(
-            torch.tensor(float(num_teachers), dtype=dtype)
-        )
+        return teacher_log_probs[0]
+    return torch.logsumexp(teacher_log_probs, dim=0) - math.log(teacher_log_probs.shape[0])
+
+
+def kd_class_terms(
+    log_p_s: torch.Tensor, log_p_t: torch.Tensor, *, kind: str, beta: float
+) -> torch.Tensor:
+    """Per-class terms of the soft loss from normalised log-probabilities (same shapes).
+
+    Summed over classes they give the row loss of ``kd_row_losses`` (before the t^2 scale).
+    Differentiable in ``log_p_s``; terms with a zero probability factor are 0.
+    """
     p_s, p_t = log_p_s.exp(), log_p_t.exp()
     if kind == "kl":
-        per_class = _plogp_ratio(p_t, log_p_t, log_p_s)
-    elif kind == "soft_ce":
-        per_class = torch.where(p_t != 0, -p_t * log_p_s, torch.zeros_like(p_t))
-    elif kind == "reverse_kl":
-        per_class = _plogp_ratio(p_s, log_p_s, log_p_t)
-    elif kind == "jsd":
+        return _plogp_ratio(p_t, log_p_t, log_p_s)
+    if kind == "soft_ce":
+        return torch.where(p_t != 0, -p_t * log_p_s, torch.zeros_like(p_t))
+    if kind == "reverse_kl":
+        return _plogp_ratio(p_s, log_p_s, log_p_t)
+    if kind == "jsd":
         mixture = beta * p_t + (1.0 - beta) * p_s
         # m == 0 only where both p are 0, and there every term is 0: log(1) keeps it finite.
         log_m = torch.log(torch.where(mixture != 0, mixture, torch.ones_like(mixture)))
         # Weights inside the guard, so beta = 0 or 1 gives 0 (not 0 * inf) where p underflows.
-        per_class = _plogp_ratio(beta * p_t, log_p_t, log_m) + _plogp_ratio(
+        return _plogp_ratio(beta * p_t, log_p_t, log_m) + _plogp_ratio(
             (1.0 - beta) * p_s, log_p_s, log_m
         )
-    else:
-        raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
-    rows = per_class.sum(dim=-1)
-    return rows * (temperature * temperature) if scale_t2 else rows
+    raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
 
 
 def kd_loss(
@@ -153,6 +169,62 @@ def kd_loss(
     if reduction == "mean":
         return total / max(num_counted * num_classes, 1)
     raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+
+
+TOPK_REMAINDERS = ("renormalize", "spread")
+
+
+def topk_remainder_logprob(
+    logprobs: torch.Tensor, num_classes: int, remainder: str
+) -> torch.Tensor:
+    """The log-probability every class outside a row's top k gets, shape (..., 1).
+
+    ``"renormalize"``: -inf (no mass; softmax renormalises the top k). ``"spread"``: the
+    missing mass r = max(0, 1 - sum_k exp(logprobs)) split evenly, log(r / (C - k)); -inf
+    when r = 0 or k = C. Float32 (float64 for float64 input).
+    """
+    dtype = _compute_dtype(logprobs)
+    k = logprobs.shape[-1]
+    shape = (*logprobs.shape[:-1], 1)
+    if remainder == "renormalize" or k == num_classes:
+        return torch.full(shape, -math.inf, dtype=dtype, device=logprobs.device)
+    mass = logprobs.to(dtype).exp().sum(dim=-1, keepdim=True)
+    return torch.log((1.0 - mass).clamp_min(0.0) / (num_classes - k))
+
+
+def topk_teacher_logits(
+    indices: torch.Tensor, logprobs: torch.Tensor, num_classes: int, remainder: str
+) -> torch.Tensor:
+    """Dense teacher log-probabilities (..., C) from a stored sparse teacher.
+
+    Args:
+        indices: (..., k) int64, distinct classes in [0, C) per row.
+        logprobs: (..., k) float, the teacher's log-probabilities of those classes at
+            temperature 1 (``"renormalize"`` also accepts any logits: only their
+            differences matter).
+        remainder: ``"renormalize"`` or ``"spread"`` (see ``topk_remainder_logprob``).
+
+    The result is a teacher in logit form: kd_loss applies the temperature to it like to
+    any logits, p_T = softmax(dense / t). Float32 (float64 for float64 input).
+    """
+    rest = topk_remainder_logprob(logprobs, num_classes, remainder)
+    dense = rest.expand(*logprobs.shape[:-1], num_classes).clone()
+    return dense.scatter_(-1, indices, logprobs.to(dense.dtype))
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    **kd_options,
+) -> torch.Tensor:
+    """The unfused spec of ``kd_kernels.fused_linear_kd_loss``: the student's logits
+    h @ W^T + b materialised whole, then ``kd_loss``. Shapes: hidden (..., H), weight (V, H),
+    bias (V,), teacher logits (..., V) or (K, ..., V)."""
+    logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    return kd_loss(logits, teacher_logits, **kd_options)
 
 
 LAYER_REDUCTIONS = ("sum", "mean", "none")
