@@ -271,6 +271,23 @@ def competitors(suite: OpSuite, device: str, with_compile: bool) -> dict:
     return impls
 
 
+def measure_at_size(
+    name: str, step: Callable, size: int, args: argparse.Namespace, rows: list, failed: set
+) -> Measurement | None:
+    """Measures one implementation at one size N of a sweep: appends its row (or an
+    out-of-memory row, adding ``name`` to ``failed`` so larger N skip it) to ``rows``."""
+    try:
+        result = measure(name, step, args.device, args.warmup, args.repeats)
+    except torch.OutOfMemoryError:
+        failed.add(name)
+        print(f"N={size} {name}: out of memory")
+        rows.append({"n": size, "name": name, "out_of_memory": True})
+        return None
+    rows.append({"n": size, **vars(result)})
+    print(f"N={size} {name}: {result.median_ms:.1f} ms, {result.peak_extra_mib:.0f} MiB")
+    return result
+
+
 def measure_each(impls: dict, inputs: tuple, wrt: list, args: argparse.Namespace) -> list:
     """fwd+bwd of every implementation on the same inputs, printed as it goes."""
     results = []

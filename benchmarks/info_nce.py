@@ -27,7 +27,7 @@ from benchmarks._harness import (
     competitors,
     loss_step,
     markdown_table,
-    measure,
+    measure_at_size,
     report,
     suite_implementations,
 )
@@ -61,16 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
 
             step = loss_step(loss_fn, (query, key, False), [query, key])
-            try:
-                result = measure(name, step, args.device, args.warmup, args.repeats)
-            except torch.OutOfMemoryError:
-                failed.add(name)
-                print(f"N={size} {name}: out of memory")
-                rows.append({"n": size, "name": name, "out_of_memory": True})
-                continue
-            results.append(result)
-            rows.append({"n": size, **vars(result)})
-            print(f"N={size} {name}: {result.median_ms:.1f} ms, {result.peak_extra_mib:.0f} MiB")
+            result = measure_at_size(name, step, size, args, rows, failed)
+            if result is not None:
+                results.append(result)
         baseline = "eager" if any(r.name == "eager" for r in results) else results[0].name
         tables.append(f"N = {size}, D = {args.dim}\n\n" + markdown_table(results, baseline))
         del query, key

@@ -5,9 +5,9 @@ Markdown tables and plots per run (``python -m benchmarks``, console script ``kd
     python -m benchmarks --device cpu                  # the full CPU sweep
     python -m benchmarks --device cuda --dtype bfloat16 --out /tmp/results
 
-On a GPU each measurement also gets achieved GB/s (memory-bound ops) or TFLOP/s (InfoNCE) and
-its fraction of the device's limit, measured in the same run: a device-to-device copy for
-bandwidth, a large bf16 matmul for tensor-core throughput.
+On a GPU each measurement also gets achieved GB/s (memory-bound ops) or TFLOP/s (InfoNCE, the
+fused LM head + KD loss) and its fraction of the device's limit, measured in the same run: a
+device-to-device copy for bandwidth, a large bf16 matmul for tensor-core throughput.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from benchmarks._harness import (
     measure,
 )
 
-OPS = ("kd_loss", "attention_mse", "hidden_mse", "info_nce")
+OPS = ("kd_loss", "attention_mse", "hidden_mse", "info_nce", "fused_linear_kd")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -199,6 +199,7 @@ _X_LABELS = {
     "attention_mse": "attention-map entries, all layers",
     "hidden_mse": "hidden-state entries, all layers",
     "info_nce": "batch size N",
+    "fused_linear_kd": "batch rows N (V x H head)",
 }
 
 

@@ -122,14 +122,8 @@ def kd_loss(
     )
 
     chosen = resolve_backend(backend, student_logits.device, student_logits.dtype)
-    options = dict(
-        temperature=float(temperature),
-        kind=kind,
-        soft_weight=float(soft_weight),
-        hard_weight=float(hard_weight),
-        beta=float(beta),
-        scale_t2=bool(scale_t2),
-        ignore_index=int(ignore_index),
+    options = kd_op_options(
+        temperature, kind, soft_weight, hard_weight, beta, scale_t2, ignore_index
     )
     if chosen == "torch":
         return reference.kd_loss(
@@ -182,6 +176,27 @@ def _kd_ops(backend: str):
         return triton_kd_loss.kd_loss_forward_triton, triton_kd_loss.kd_loss_forward_out_triton
     ops = torch.ops.kd_kernels
     return ops.kd_loss_forward, ops.kd_loss_forward_out
+
+
+def kd_op_options(
+    temperature: float,
+    kind: str,
+    soft_weight: float,
+    hard_weight: float,
+    beta: float,
+    scale_t2: bool,
+    ignore_index: int,
+) -> dict:
+    """kd_loss's scalar options as the ops take them (Python floats, bool, int)."""
+    return dict(
+        temperature=float(temperature),
+        kind=kind,
+        soft_weight=float(soft_weight),
+        hard_weight=float(hard_weight),
+        beta=float(beta),
+        scale_t2=bool(scale_t2),
+        ignore_index=int(ignore_index),
+    )
 
 
 def check_kd_options(

@@ -16,10 +16,8 @@ That elementwise work runs in PyTorch (float32) on every backend; the matmuls ar
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kd_kernels import reference
 from kd_kernels._backend import resolve_backend
@@ -29,11 +27,12 @@ from kd_kernels._checks import (
     check_same_device,
     check_teacher_topk,
 )
+from kd_kernels._chunked_kd import ChunkedKD, TeacherSource
 from kd_kernels.functional import (
-    _kd_ops,
     check_kd_options,
     check_teacher_logits,
     counted_rows,
+    kd_op_options,
     row_divisor,
 )
 
@@ -136,14 +135,8 @@ def fused_linear_kd_loss(
         topk_remainder,
     )
     chosen = resolve_backend(backend, device, dtype)
-    options = dict(
-        temperature=float(temperature),
-        kind=kind,
-        soft_weight=float(soft_weight),
-        hard_weight=float(hard_weight),
-        beta=float(beta),
-        scale_t2=bool(scale_t2),
-        ignore_index=int(ignore_index),
+    options = kd_op_options(
+        temperature, kind, soft_weight, hard_weight, beta, scale_t2, ignore_index
     )
     if chosen == "torch":
         num_rows = math.prod(row_shape)
@@ -163,7 +156,7 @@ def fused_linear_kd_loss(
     hidden = student_hidden.reshape(-1, hidden_size)
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    problem = _Problem(
+    problem = ChunkedKD(
         teacher=teacher,
         backend=chosen,
         options=options,
@@ -211,40 +204,6 @@ def _check_head(
         raise TypeError(f"the {who}'s hidden states and head must share a dtype, got {seen}")
 
 
-class _TeacherSource:
-    """Teacher logits for a block of rows and vocabulary columns, made on demand.
-
-    ``chunk(rows, start, stop)`` -> (K, len(rows), stop - start) in the student's dtype, no
-    gradient, last dim contiguous, the K teachers stacked (what the kd_loss ops take).
-    """
-
-    def __init__(self, kind: str, dtype: torch.dtype, single: bool = True, **tensors: Any):
-        self.kind, self.dtype, self.single = kind, dtype, single
-        self.__dict__.update(tensors)
-
-    @torch.no_grad()
-    def chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
-        if self.kind == "logits":
-            block = self.logits[:, rows, start:stop]
-            return block if block.shape[0] == 1 or block.is_contiguous() else block.contiguous()
-        if self.kind == "head":
-            bias = None if self.bias is None else self.bias[start:stop]
-            return F.linear(self.hidden[rows], self.weight[start:stop], bias).to(self.dtype)[None]
-        return self._topk_chunk(rows, start, stop)
-
-    def _topk_chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
-        indices, logprobs = self.indices[rows], self.logprobs[rows].to(self.dtype)
-        width = stop - start
-        if start == 0 and stop == self.num_classes:
-            dense = self.rest[rows].to(self.dtype).expand(-1, width).contiguous()
-            return dense.scatter_(1, indices, logprobs)[None]
-        # Entries outside [start, stop) are sent to a spare last column, then dropped.
-        local = indices - start
-        local = torch.where((local >= 0) & (local < width), local, width)
-        dense = self.rest[rows].to(self.dtype).expand(-1, width + 1).contiguous()
-        return dense.scatter_(1, local, logprobs)[None, :, :width]
-
-
 def _teacher_source(
     row_shape: torch.Size,
     vocab_size: int,
@@ -255,7 +214,7 @@ def _teacher_source(
     teacher_bias: torch.Tensor | None,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
     topk_remainder: str,
-) -> _TeacherSource:
+) -> TeacherSource:
     """Checks that exactly one teacher form is given and wraps it."""
     given = [
         name
@@ -283,7 +242,7 @@ def _teacher_source(
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
         single = teacher_logits.dim() == len(row_shape) + 1
-        return _TeacherSource("logits", dtype, single=single, logits=logits)
+        return TeacherSource("logits", dtype, single=single, logits=logits)
     if teacher_topk is not None:
         check_choice("topk_remainder", topk_remainder, reference.TOPK_REMAINDERS)
         indices, logprobs = check_teacher_topk(
@@ -291,7 +250,7 @@ def _teacher_source(
         )
         k = indices.shape[-1]
         logprobs = logprobs.detach().reshape(-1, k)
-        return _TeacherSource(
+        return TeacherSource(
             "topk",
             dtype,
             indices=indices.reshape(-1, k),
@@ -319,7 +278,7 @@ def _teacher_source(
         teacher_bias is not None and teacher_bias.dtype != teacher_weight.dtype
     ):
         raise TypeError("teacher_hidden, teacher_weight and teacher_bias must share a dtype")
-    return _TeacherSource(
+    return TeacherSource(
         "head",
         dtype,
         hidden=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
@@ -361,254 +320,45 @@ def _is_count(value: object) -> bool:
     return True
 
 
-class _Problem:
-    """Everything but the differentiable tensors: the teacher, options, rows and chunking."""
-
-    def __init__(self, **fields: Any):
-        self.__dict__.update(fields)
-
-    @torch.no_grad()
-    def run(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        needs: tuple[bool, bool, bool],
-        row_weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ...]:
-        """Row losses (N,) and, for the inputs in ``needs``, the gradients of
-        sum_i row_weights_i * loss_i (all ones when None) as float32 accumulators
-        (float64 for float64 input)."""
-        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
-        acc_dtype = reference._compute_dtype(hidden)
-        row_loss = torch.zeros(num_rows, dtype=acc_dtype, device=hidden.device)
-        grads = _Gradients(hidden, weight, needs, acc_dtype)
-        rows_per_chunk, vocab_per_chunk = self.chunks
-        for start in range(0, num_rows, rows_per_chunk):
-            rows = slice(start, min(num_rows, start + rows_per_chunk))
-            chunk_hidden = hidden[rows]
-            if self.counted is not None:
-                # A row that does not count must not reach G^T h either (0 * NaN = NaN).
-                chunk_hidden = torch.where(self.counted[rows, None], chunk_hidden, 0)
-            weights = None if row_weights is None else row_weights[rows]
-            if vocab_per_chunk >= vocab_size:
-                row_loss[rows] = self._full_rows(rows, chunk_hidden, weight, bias, grads, weights)
-            else:
-                row_loss[rows] = self._vocab_chunked(
-                    rows, chunk_hidden, weight, bias, grads, weights
-                )
-        return (row_loss, *grads.result())
-
-    def _kd_args(self, rows: slice) -> tuple:
-        labels = None if self.labels is None else self.labels[rows]
-        mask = None if self.mask is None else self.mask[rows]
-        o = self.options
-        return (
-            labels,
-            mask,
-            o["temperature"],
-            o["kind"],
-            o["soft_weight"],
-            o["hard_weight"],
-            o["beta"],
-            o["scale_t2"],
-            o["ignore_index"],
-        )
-
-    def _full_rows(self, rows, chunk_hidden, weight, bias, grads, row_weights):
-        """One row chunk over the whole vocabulary, through the backend's kd_loss kernel."""
-        logits = F.linear(chunk_hidden, weight, bias)
-        teacher = self.teacher.chunk(rows, 0, weight.shape[0])
-        forward_op, forward_out_op = _kd_ops(self.backend)
-        if not grads.any:
-            row_loss, _ = forward_op(logits, teacher, *self._kd_args(rows), False)
-            return row_loss
-        # The kernel writes d row_loss / d logits over the logits themselves.
-        row_loss = forward_out_op(logits, teacher, *self._kd_args(rows), logits)
-        if row_weights is not None:
-            logits.mul_(row_weights[:, None].to(logits.dtype))
-        grads.add(rows, slice(0, weight.shape[0]), logits, chunk_hidden, weight)
-        return row_loss
-
-    def _vocab_chunked(self, rows, chunk_hidden, weight, bias, grads, row_weights):
-        """One row chunk in vocabulary slices with an online log-sum-exp (float32 math)."""
-        o = self.options
-        t, kind = o["temperature"], o["kind"]
-        soft_scale = o["soft_weight"] * (t * t if o["scale_t2"] else 1.0)
-        hard = o["hard_weight"] != 0.0
-        vocab_size, step = weight.shape[0], self.chunks[1]
-        slices = [slice(v, min(vocab_size, v + step)) for v in range(0, vocab_size, step)]
-        acc_dtype = reference._compute_dtype(chunk_hidden)
-
-        def logits_of(columns):
-            b = None if bias is None else bias[columns]
-            student = F.linear(chunk_hidden, weight[columns], b).to(acc_dtype)
-            teacher = self.teacher.chunk(rows, columns.start, columns.stop).to(acc_dtype)
-            return student, teacher
-
-        # Pass 1: the normalisers log sum exp(z / t) of the student and of every teacher.
-        size = chunk_hidden.shape[0]
-        student_lse = chunk_hidden.new_full((size,), -math.inf, dtype=acc_dtype)
-        teacher_lse = None
-        student_lse_t1 = student_lse.clone()  # at t = 1, for the hard cross-entropy
-        for columns in slices:
-            student, teacher = logits_of(columns)
-            student_lse = torch.logaddexp(student_lse, torch.logsumexp(student / t, dim=-1))
-            chunk_teacher_lse = torch.logsumexp(teacher / t, dim=-1)
-            teacher_lse = (
-                chunk_teacher_lse
-                if teacher_lse is None
-                else torch.logaddexp(teacher_lse, chunk_teacher_lse)
-            )
-            if hard:
-                student_lse_t1 = torch.logaddexp(student_lse_t1, torch.logsumexp(student, dim=-1))
-
-        def slice_terms(columns):
-            """Soft terms of the slice and their partials g = d terms / d log p_S."""
-            student, teacher = logits_of(columns)
-            log_p_s = (student / t - student_lse[:, None]).requires_grad_()
-            log_p_t = reference.mix_teachers(teacher / t - teacher_lse[..., None])
-            with torch.enable_grad():
-                terms = reference.kd_class_terms(log_p_s, log_p_t, kind=kind, beta=o["beta"])
-                (partial,) = torch.autograd.grad(terms.sum(), log_p_s)
-            return student, log_p_s.detach(), terms.detach(), partial
-
-        # Pass 2: the loss. d loss / d s_c = (w / t) (g_c - p_S,c sum_j g_j): for kl and
-        # soft_ce, g = -p_T sums to -1 and the gradient is ready; otherwise pass 3 takes it.
-        soft_rows = torch.zeros(size, dtype=acc_dtype, device=chunk_hidden.device)
-        hard_rows = student_lse_t1.clone() if hard else None
-        partial_sum = torch.zeros_like(soft_rows)
-        gradient_now = kind in ("kl", "soft_ce")
-        for columns in slices:
-            student, log_p_s, terms, partial = slice_terms(columns)
-            soft_rows += terms.sum(dim=-1)
-            if hard:
-                hard_rows -= self._label_logits(rows, columns, student)
-            if gradient_now and grads.any:
-                grad = (soft_scale / t) * (partial + log_p_s.exp())
-                self._add_slice_grad(
-                    rows,
-                    columns,
-                    grad,
-                    student,
-                    student_lse_t1,
-                    grads,
-                    chunk_hidden,
-                    weight,
-                    row_weights,
-                )
-            elif grads.any:
-                partial_sum += partial.sum(dim=-1)
-        if grads.any and not gradient_now:
-            for columns in slices:  # pass 3
-                student, log_p_s, _, partial = slice_terms(columns)
-                grad = (soft_scale / t) * (partial - log_p_s.exp() * partial_sum[:, None])
-                self._add_slice_grad(
-                    rows,
-                    columns,
-                    grad,
-                    student,
-                    student_lse_t1,
-                    grads,
-                    chunk_hidden,
-                    weight,
-                    row_weights,
-                )
-        row_loss = soft_scale * soft_rows
-        if hard:
-            row_loss = row_loss + o["hard_weight"] * hard_rows
-        if self.counted is not None:
-            row_loss = torch.where(self.counted[rows], row_loss, 0)
-        return row_loss
-
-    def _label_logits(self, rows: slice, columns: slice, student: torch.Tensor) -> torch.Tensor:
-        """Each row's logit at its label where the label falls in ``columns``, else 0."""
-        local = self.labels[rows] - columns.start
-        inside = (local >= 0) & (local < student.shape[1])
-        picked = student.gather(1, local.clamp(0, student.shape[1] - 1)[:, None]).squeeze(1)
-        return torch.where(inside, picked, 0)
-
-    def _add_slice_grad(
-        self, rows, columns, grad, student, student_lse_t1, grads, chunk_hidden, weight, weights
-    ):
-        """Adds the hard term's gradient, zeroes rows that do not count, applies the row
-        weights and hands the slice's gradient (in the input dtype) to ``grads``."""
-        if self.options["hard_weight"] != 0.0:
-            p_s1 = (student - student_lse_t1[:, None]).exp()
-            local = self.labels[rows] - columns.start
-            inside = (local >= 0) & (local < student.shape[1])
-            column = local.clamp(0, student.shape[1] - 1)[:, None]
-            p_s1.scatter_add_(1, column, -inside.to(p_s1.dtype)[:, None])
-            grad = grad + self.options["hard_weight"] * p_s1
-        if self.counted is not None:
-            grad = torch.where(self.counted[rows, None], grad, 0)
-        if weights is not None:
-            grad = grad * weights[:, None]
-        grads.add(rows, columns, grad.to(chunk_hidden.dtype), chunk_hidden, weight)
-
-
-class _Gradients:
-    """Float32 (float64) accumulators of the hidden, weight and bias gradients."""
-
-    def __init__(self, hidden, weight, needs, acc_dtype):
-        need_hidden, need_weight, need_bias = needs
-        self.any = any(needs)
-        zeros = dict(dtype=acc_dtype, device=hidden.device)
-        self.hidden = torch.zeros(hidden.shape, **zeros) if need_hidden else None
-        self.weight = torch.zeros(weight.shape, **zeros) if need_weight else None
-        self.bias = torch.zeros(weight.shape[0], **zeros) if need_bias else None
-
-    def add(self, rows, columns, grad_logits, chunk_hidden, weight) -> None:
-        """Adds a chunk's share: G W to the hidden rows, G^T h to the weight rows, sum G."""
-        if self.hidden is not None:
-            self.hidden[rows] += grad_logits @ weight[columns]
-        if self.weight is not None:
-            block = self.weight[columns]
-            if block.dtype == grad_logits.dtype:
-                block.addmm_(grad_logits.T, chunk_hidden)
-            else:  # a half-precision product, summed in float32
-                block += grad_logits.T @ chunk_hidden
-        if self.bias is not None:
-            self.bias[columns] += grad_logits.sum(dim=0, dtype=self.bias.dtype)
-
-    def result(self) -> tuple:
-        return self.hidden, self.weight, self.bias
-
-
 class _FusedLinearKD(torch.autograd.Function):
     """Scalar reductions: forward computes the loss and the unscaled gradients at once,
-    backward scales them by grad_output / divisor. ``"none"``: forward keeps the inputs and
-    backward re-runs the chunks with the per-row grad_output as row weights."""
+    backward scales them in place by grad_output / divisor and hands them over, so the weight
+    gradient exists once (a copy would double the V x H memory); a second backward
+    (retain_graph) recomputes them. ``"none"``: backward re-runs the chunks with the per-row
+    grad_output as row weights."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem: _Problem):
+    def forward(ctx, hidden, weight, bias, problem: ChunkedKD):
         flat = hidden.reshape(-1, hidden.shape[-1])
         ctx.problem, ctx.hidden_shape = problem, hidden.shape
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(hidden, weight, bias)
         if problem.reduction == "none":
             row_loss = problem.run(flat, weight, bias, (False, False, False))[0]
-            ctx.save_for_backward(hidden, weight, bias)
             return row_loss.reshape(problem.row_shape)
         row_loss, *grads = problem.run(flat, weight, bias, problem.needs)
         divisor = row_divisor(
             problem.reduction, row_loss.shape[0], weight.shape[0], problem.counted
         )
-        ctx.save_for_backward(*grads)
-        ctx.divisor = divisor
+        # Kept on ctx, not saved: backward scales and returns these very buffers.
+        ctx.gradients, ctx.divisor = grads, divisor
         return row_loss.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
         problem = ctx.problem
+        hidden, weight, bias = ctx.saved_tensors
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        needs = tuple(ctx.needs_input_grad[:3])
         if problem.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            flat = hidden.reshape(-1, hidden.shape[-1])
             row_weights = grad_output.reshape(-1).to(reference._compute_dtype(hidden))
-            needs = tuple(ctx.needs_input_grad[:3])
             grads = problem.run(flat, weight, bias, needs, row_weights)[1:]
         else:
+            grads, ctx.gradients = ctx.gradients, None
+            if grads is None:  # a second backward: the first one handed the buffers over
+                grads = problem.run(flat, weight, bias, needs)[1:]
             scale = grad_output / ctx.divisor
-            grads = [None if g is None else g * scale for g in ctx.saved_tensors]
+            grads = [None if g is None else g.mul_(scale) for g in grads]
         grad_hidden, grad_weight, grad_bias = (
             None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)
         )

@@ -7,8 +7,15 @@ from collections.abc import Sequence
 import torch
 
 from kd_kernels import functional
+from kd_kernels.fused_linear import fused_linear_kd_loss
 
-__all__ = ["AttentionMSELoss", "HiddenMSELoss", "InfoNCELoss", "KDLoss"]
+__all__ = [
+    "AttentionMSELoss",
+    "FusedLinearKDLoss",
+    "HiddenMSELoss",
+    "InfoNCELoss",
+    "KDLoss",
+]
 
 
 class KDLoss(torch.nn.Module):
@@ -154,3 +161,55 @@ class InfoNCELoss(torch.nn.Module):
     def extra_repr(self) -> str:
         options = {"temperature": self.temperature, **self.options}
         return ", ".join(f"{key}={value!r}" for key, value in options.items())
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """Module form of :func:`kd_kernels.fused_linear_kd_loss`; options fixed at construction.
+
+    ``forward(student_hidden, student_weight, teacher_logits=None, *, student_bias=None,
+    teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_topk=None, mask=None,
+    labels=None)``; pass an LM head's ``weight`` and ``bias`` as the student's.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        kind: str = "kl",
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        hard_weight: float = 0.0,
+        soft_weight: float = 1.0,
+        beta: float = 0.5,
+        scale_t2: bool = True,
+        topk_remainder: str = "renormalize",
+        chunk_size: int | tuple[int, int | None] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            temperature=temperature,
+            kind=kind,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            beta=beta,
+            scale_t2=scale_t2,
+            topk_remainder=topk_remainder,
+            chunk_size=chunk_size,
+            backend=backend,
+        )
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        **tensors: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_logits, **tensors, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

@@ -180,16 +180,21 @@ def topk_remainder_logprob(
     """The log-probability every class outside a row's top k gets, shape (..., 1).
 
     ``"renormalize"``: -inf (no mass; softmax renormalises the top k). ``"spread"``: the
-    missing mass r = max(0, 1 - sum_k exp(logprobs)) split evenly, log(r / (C - k)); -inf
-    when r = 0 or k = C. Float32 (float64 for float64 input).
+    missing mass r = 1 - sum_k exp(logprobs) split evenly, log(r / (C - k)); -inf when k = C
+    or r <= k * eps(dtype of logprobs): a remainder that small is the rounding of the stored
+    log-probabilities, not mass (at t > 1 it would otherwise grow into a visible floor).
+    Float32 (float64 for float64 input).
     """
     dtype = _compute_dtype(logprobs)
     k = logprobs.shape[-1]
     shape = (*logprobs.shape[:-1], 1)
     if remainder == "renormalize" or k == num_classes:
         return torch.full(shape, -math.inf, dtype=dtype, device=logprobs.device)
-    mass = logprobs.to(dtype).exp().sum(dim=-1, keepdim=True)
-    return torch.log((1.0 - mass).clamp_min(0.0) / (num_classes - k))
+    missing = 1.0 - logprobs.to(dtype).exp().sum(dim=-1, keepdim=True)
+    rounding = k * torch.finfo(logprobs.dtype).eps
+    # where, not clamp: NaN in the logprobs stays NaN.
+    missing = torch.where(missing <= rounding, torch.zeros_like(missing), missing)
+    return torch.log(missing / (num_classes - k))
 
 
 def topk_teacher_logits(

@@ -1,0 +1,254 @@
+"""The chunk loop of fused_linear_kd_loss: row chunks through the backend's kd_loss kernel,
+or rows x vocabulary slices with an online log-sum-exp (see kd_kernels.fused_linear)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kd_kernels import reference
+from kd_kernels.functional import _kd_ops
+
+
+class TeacherSource:
+    """Teacher logits for a block of rows and vocabulary columns, made on demand.
+
+    ``chunk(rows, start, stop)`` -> (K, len(rows), stop - start) in the student's dtype, no
+    gradient, last dim contiguous, the K teachers stacked (what the kd_loss ops take).
+    """
+
+    def __init__(self, kind: str, dtype: torch.dtype, single: bool = True, **tensors: Any):
+        self.kind, self.dtype, self.single = kind, dtype, single
+        self.__dict__.update(tensors)
+
+    @torch.no_grad()
+    def chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
+        if self.kind == "logits":
+            block = self.logits[:, rows, start:stop]
+            return block if block.shape[0] == 1 or block.is_contiguous() else block.contiguous()
+        if self.kind == "head":
+            bias = None if self.bias is None else self.bias[start:stop]
+            return F.linear(self.hidden[rows], self.weight[start:stop], bias).to(self.dtype)[None]
+        return self._topk_chunk(rows, start, stop)
+
+    def _topk_chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
+        indices, logprobs = self.indices[rows], self.logprobs[rows].to(self.dtype)
+        width = stop - start
+        if start == 0 and stop == self.num_classes:
+            dense = self.rest[rows].to(self.dtype).expand(-1, width).contiguous()
+            return dense.scatter_(1, indices, logprobs)[None]
+        # Entries outside [start, stop) are sent to a spare last column, then dropped.
+        local = indices - start
+        local = torch.where((local >= 0) & (local < width), local, width)
+        dense = self.rest[rows].to(self.dtype).expand(-1, width + 1).contiguous()
+        return dense.scatter_(1, local, logprobs)[None, :, :width]
+
+
+class ChunkedKD:
+    """Everything but the differentiable tensors (the teacher, options, counted rows, chunk
+    sizes) and the chunk loop that computes the loss and the gradients from them."""
+
+    def __init__(self, **fields: Any):
+        self.__dict__.update(fields)
+
+    @torch.no_grad()
+    def run(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        needs: tuple[bool, bool, bool],
+        row_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Row losses (N,) and, for the inputs in ``needs``, the gradients of
+        sum_i row_weights_i * loss_i (all ones when None) as float32 accumulators
+        (float64 for float64 input)."""
+        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        acc_dtype = reference._compute_dtype(hidden)
+        row_loss = torch.zeros(num_rows, dtype=acc_dtype, device=hidden.device)
+        grads = _Gradients(hidden, weight, needs, acc_dtype)
+        rows_per_chunk, vocab_per_chunk = self.chunks
+        for start in range(0, num_rows, rows_per_chunk):
+            rows = slice(start, min(num_rows, start + rows_per_chunk))
+            chunk_hidden = hidden[rows]
+            if self.counted is not None:
+                # A row that does not count must not reach G^T h either (0 * NaN = NaN).
+                chunk_hidden = torch.where(self.counted[rows, None], chunk_hidden, 0)
+            weights = None if row_weights is None else row_weights[rows]
+            if vocab_per_chunk >= vocab_size:
+                row_loss[rows] = self._full_rows(rows, chunk_hidden, weight, bias, grads, weights)
+            else:
+                row_loss[rows] = self._vocab_chunked(
+                    rows, chunk_hidden, weight, bias, grads, weights
+                )
+        return (row_loss, *grads.result())
+
+    def _kd_args(self, rows: slice) -> tuple:
+        labels = None if self.labels is None else self.labels[rows]
+        mask = None if self.mask is None else self.mask[rows]
+        o = self.options
+        return (
+            labels,
+            mask,
+            o["temperature"],
+            o["kind"],
+            o["soft_weight"],
+            o["hard_weight"],
+            o["beta"],
+            o["scale_t2"],
+            o["ignore_index"],
+        )
+
+    def _full_rows(self, rows, chunk_hidden, weight, bias, grads, row_weights):
+        """One row chunk over the whole vocabulary, through the backend's kd_loss kernel."""
+        logits = F.linear(chunk_hidden, weight, bias)
+        teacher = self.teacher.chunk(rows, 0, weight.shape[0])
+        forward_op, forward_out_op = _kd_ops(self.backend)
+        if not grads.any:
+            row_loss, _ = forward_op(logits, teacher, *self._kd_args(rows), False)
+            return row_loss
+        # The kernel writes d row_loss / d logits over the logits themselves.
+        row_loss = forward_out_op(logits, teacher, *self._kd_args(rows), logits)
+        if row_weights is not None:
+            logits.mul_(row_weights[:, None].to(logits.dtype))
+        grads.add(rows, slice(0, weight.shape[0]), logits, chunk_hidden, weight)
+        return row_loss
+
+    def _vocab_chunked(self, rows, chunk_hidden, weight, bias, grads, row_weights):
+        """One row chunk in vocabulary slices with an online log-sum-exp (float32 math)."""
+        o = self.options
+        t, kind = o["temperature"], o["kind"]
+        soft_scale = o["soft_weight"] * (t * t if o["scale_t2"] else 1.0)
+        hard = o["hard_weight"] != 0.0
+        vocab_size, step = weight.shape[0], self.chunks[1]
+        slices = [slice(v, min(vocab_size, v + step)) for v in range(0, vocab_size, step)]
+        acc_dtype = reference._compute_dtype(chunk_hidden)
+
+        def logits_of(columns):
+            b = None if bias is None else bias[columns]
+            student = F.linear(chunk_hidden, weight[columns], b).to(acc_dtype)
+            teacher = self.teacher.chunk(rows, columns.start, columns.stop).to(acc_dtype)
+            return student, teacher
+
+        # Pass 1: the normalisers log sum exp(z / t) of the student and of every teacher.
+        size = chunk_hidden.shape[0]
+        student_lse = chunk_hidden.new_full((size,), -math.inf, dtype=acc_dtype)
+        teacher_lse = None
+        student_lse_t1 = student_lse.clone()  # at t = 1, for the hard cross-entropy
+        for columns in slices:
+            student, teacher = logits_of(columns)
+            student_lse = torch.logaddexp(student_lse, torch.logsumexp(student / t, dim=-1))
+            chunk_teacher_lse = torch.logsumexp(teacher / t, dim=-1)
+            teacher_lse = (
+                chunk_teacher_lse
+                if teacher_lse is None
+                else torch.logaddexp(teacher_lse, chunk_teacher_lse)
+            )
+            if hard:
+                student_lse_t1 = torch.logaddexp(student_lse_t1, torch.logsumexp(student, dim=-1))
+
+        def slice_terms(columns):
+            """Soft terms of the slice and their partials g = d terms / d log p_S."""
+            student, teacher = logits_of(columns)
+            log_p_s = (student / t - student_lse[:, None]).requires_grad_()
+            log_p_t = reference.mix_teachers(teacher / t - teacher_lse[..., None])
+            with torch.enable_grad():
+                terms = reference.kd_class_terms(log_p_s, log_p_t, kind=kind, beta=o["beta"])
+                (partial,) = torch.autograd.grad(terms.sum(), log_p_s)
+            return student, log_p_s.detach(), terms.detach(), partial
+
+        def add_gradient(columns, student, log_p_s, partial, partial_sum):
+            grad = (soft_scale / t) * (partial - log_p_s.exp() * partial_sum)
+            self._add_slice_grad(
+                rows,
+                columns,
+                grad,
+                student,
+                student_lse_t1,
+                grads,
+                chunk_hidden,
+                weight,
+                row_weights,
+            )
+
+        # Pass 2: the loss. d loss / d s_c = (w / t) (g_c - p_S,c sum_j g_j): for kl and
+        # soft_ce, g = -p_T sums to -1 and the gradient is ready; otherwise pass 3 takes it.
+        soft_rows = torch.zeros(size, dtype=acc_dtype, device=chunk_hidden.device)
+        hard_rows = student_lse_t1.clone() if hard else None
+        partial_sum = torch.zeros_like(soft_rows)
+        gradient_now = kind in ("kl", "soft_ce")
+        for columns in slices:
+            student, log_p_s, terms, partial = slice_terms(columns)
+            soft_rows += terms.sum(dim=-1)
+            if hard:
+                hard_rows -= self._label_logits(rows, columns, student)
+            if gradient_now and grads.any:
+                add_gradient(columns, student, log_p_s, partial, -1.0)
+            elif grads.any:
+                partial_sum += partial.sum(dim=-1)
+        if grads.any and not gradient_now:
+            for columns in slices:  # pass 3
+                student, log_p_s, _, partial = slice_terms(columns)
+                add_gradient(columns, student, log_p_s, partial, partial_sum[:, None])
+        row_loss = soft_scale * soft_rows
+        if hard:
+            row_loss = row_loss + o["hard_weight"] * hard_rows
+        if self.counted is not None:
+            row_loss = torch.where(self.counted[rows], row_loss, 0)
+        return row_loss
+
+    def _label_logits(self, rows: slice, columns: slice, student: torch.Tensor) -> torch.Tensor:
+        """Each row's logit at its label where the label falls in ``columns``, else 0."""
+        local = self.labels[rows] - columns.start
+        inside = (local >= 0) & (local < student.shape[1])
+        picked = student.gather(1, local.clamp(0, student.shape[1] - 1)[:, None]).squeeze(1)
+        return torch.where(inside, picked, 0)
+
+    def _add_slice_grad(
+        self, rows, columns, grad, student, student_lse_t1, grads, chunk_hidden, weight, weights
+    ):
+        """Adds the hard term's gradient, zeroes rows that do not count, applies the row
+        weights and hands the slice's gradient (in the input dtype) to ``grads``."""
+        if self.options["hard_weight"] != 0.0:
+            p_s1 = (student - student_lse_t1[:, None]).exp()
+            local = self.labels[rows] - columns.start
+            inside = (local >= 0) & (local < student.shape[1])
+            column = local.clamp(0, student.shape[1] - 1)[:, None]
+            p_s1.scatter_add_(1, column, -inside.to(p_s1.dtype)[:, None])
+            grad = grad + self.options["hard_weight"] * p_s1
+        if self.counted is not None:
+            grad = torch.where(self.counted[rows, None], grad, 0)
+        if weights is not None:
+            grad = grad * weights[:, None]
+        grads.add(rows, columns, grad.to(chunk_hidden.dtype), chunk_hidden, weight)
+
+
+class _Gradients:
+    """Float32 (float64) accumulators of the hidden, weight and bias gradients."""
+
+    def __init__(self, hidden, weight, needs, acc_dtype):
+        need_hidden, need_weight, need_bias = needs
+        self.any = any(needs)
+        zeros = dict(dtype=acc_dtype, device=hidden.device)
+        self.hidden = torch.zeros(hidden.shape, **zeros) if need_hidden else None
+        self.weight = torch.zeros(weight.shape, **zeros) if need_weight else None
+        self.bias = torch.zeros(weight.shape[0], **zeros) if need_bias else None
+
+    def add(self, rows, columns, grad_logits, chunk_hidden, weight) -> None:
+        """Adds a chunk's share: G W to the hidden rows, G^T h to the weight rows, sum G."""
+        if self.hidden is not None:
+            self.hidden[rows] += grad_logits @ weight[columns]
+        if self.weight is not None:
+            block = self.weight[columns]
+            if block.dtype == grad_logits.dtype:
+                block.addmm_(grad_logits.T, chunk_hidden)
+            else:  # a half-precision product, summed in float32
+                block += grad_logits.T @ chunk_hidden
+        if self.bias is not None:
+            self.bias[columns] += grad_logits.sum(dim=0, dtype=self.bias.dtype)
+
+    def result(self) -> tuple:
+        return self.hidden, self.weight, self.bias
