@@ -82,18 +82,24 @@ def _liger(device: str):
     return lambda h, weight, teacher_h, teacher_weight: jsd(h, weight, teacher_h, teacher_weight)
 
 
-def _fused_jsd(device: str):
-    if device != "cuda":
-        raise SkipPeer("compared with Liger's JSD, which runs on GPU only")
+def fused_loss(backend: str = "auto", kind: str = "kl"):
+    """kd_kernels' fused head + loss on the benchmark's inputs (beta 0.5 for jsd)."""
     return lambda h, weight, teacher_h, teacher_weight: kdk.fused_linear_kd_loss(
         h,
         weight,
         teacher_hidden=teacher_h,
         teacher_weight=teacher_weight,
         temperature=TEMPERATURE,
-        kind="jsd",
+        kind=kind,
         beta=0.5,
+        backend=backend,
     )
+
+
+def _fused_jsd(device: str):
+    if device != "cuda":
+        raise SkipPeer("compared with Liger's JSD, which runs on GPU only")
+    return fused_loss(kind="jsd")
 
 
 def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
@@ -107,16 +113,7 @@ def _suite_implementations(device: str, quick: bool) -> tuple[dict, dict]:
             "Liger FusedLinearJSD": lambda: _liger(device),
             "kd_kernels fused_linear (jsd)": lambda: _fused_jsd(device),
         },
-        lambda backend: (
-            lambda h, weight, teacher_h, teacher_weight: kdk.fused_linear_kd_loss(
-                h,
-                weight,
-                teacher_hidden=teacher_h,
-                teacher_weight=teacher_weight,
-                temperature=TEMPERATURE,
-                backend=backend,
-            )
-        ),
+        fused_loss,
     )
 
 

@@ -38,6 +38,8 @@ class TeacherSource:
         indices, logprobs = self.indices[rows], self.logprobs[rows].to(self.dtype)
         width = stop - start
         if start == 0 and stop == self.num_classes:
+            # Whole rows go to the kd_loss kernels: keep them contiguous (aligned row starts
+            # for the CUDA kernel's 16-byte packs), without the spare column below.
             dense = self.rest[rows].to(self.dtype).expand(-1, width).contiguous()
             return dense.scatter_(1, indices, logprobs)[None]
         # Entries outside [start, stop) are sent to a spare last column, then dropped.
@@ -200,12 +202,17 @@ class ChunkedKD:
             row_loss = torch.where(self.counted[rows], row_loss, 0)
         return row_loss
 
+    def _label_columns(self, rows: slice, columns: slice, width: int):
+        """Each row's label as a column of the slice (clamped into it, (R, 1)) and whether
+        the label really falls in ``columns`` (R,)."""
+        local = self.labels[rows] - columns.start
+        inside = (local >= 0) & (local < width)
+        return local.clamp(0, width - 1)[:, None], inside
+
     def _label_logits(self, rows: slice, columns: slice, student: torch.Tensor) -> torch.Tensor:
         """Each row's logit at its label where the label falls in ``columns``, else 0."""
-        local = self.labels[rows] - columns.start
-        inside = (local >= 0) & (local < student.shape[1])
-        picked = student.gather(1, local.clamp(0, student.shape[1] - 1)[:, None]).squeeze(1)
-        return torch.where(inside, picked, 0)
+        column, inside = self._label_columns(rows, columns, student.shape[1])
+        return torch.where(inside, student.gather(1, column).squeeze(1), 0)
 
     def _add_slice_grad(
         self, rows, columns, grad, student, student_lse_t1, grads, chunk_hidden, weight, weights
@@ -214,9 +221,7 @@ class ChunkedKD:
         weights and hands the slice's gradient (in the input dtype) to ``grads``."""
         if self.options["hard_weight"] != 0.0:
             p_s1 = (student - student_lse_t1[:, None]).exp()
-            local = self.labels[rows] - columns.start
-            inside = (local >= 0) & (local < student.shape[1])
-            column = local.clamp(0, student.shape[1] - 1)[:, None]
+            column, inside = self._label_columns(rows, columns, student.shape[1])
             p_s1.scatter_add_(1, column, -inside.to(p_s1.dtype)[:, None])
             grad = grad + self.options["hard_weight"] * p_s1
         if self.counted is not None:

@@ -216,18 +216,12 @@ def _teacher_source(
     topk_remainder: str,
 ) -> TeacherSource:
     """Checks that exactly one teacher form is given and wraps it."""
-    given = [
-        name
-        for name, value in (
-            ("teacher_logits", teacher_logits),
-            (
-                "teacher_hidden/teacher_weight",
-                teacher_hidden if teacher_weight is None else teacher_weight,
-            ),
-            ("teacher_topk", teacher_topk),
-        )
-        if value is not None
-    ]
+    forms = {
+        "teacher_logits": teacher_logits is not None,
+        "teacher_hidden/teacher_weight": teacher_hidden is not None or teacher_weight is not None,
+        "teacher_topk": teacher_topk is not None,
+    }
+    given = [name for name, present in forms.items() if present]
     if len(given) != 1:
         raise ValueError(
             "fused_linear_kd_loss needs exactly one teacher: teacher_logits, "
