@@ -8,6 +8,7 @@ KD_KERNELS_NO_NATIVE=1 to build the CPU kernels without AVX2/FMA/F16C.
 import glob
 import os
 import platform
+import sys
 
 import torch
 from setuptools import setup
@@ -33,9 +34,19 @@ def cpu_vector_flags() -> list:
     return []
 
 
+def openmp_flags() -> list[str]:
+    """OpenMP for at::parallel_for, on the compilers that take -fopenmp (gcc, clang on Linux)."""
+    if os.environ.get("KD_KERNELS_NO_OPENMP") == "1" or sys.platform != "linux":
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-g0", "-std=c++17", *cpu_vector_flags()]
+    # -fopenmp: at::parallel_for is an inline template that only forks threads when the
+    # including file is compiled with OpenMP; without it every CPU kernel ran on one thread.
+    # The extension then needs libgomp.so.1, which torch already loaded (the same soname).
+    cxx_flags = ["-O3", "-g0", "-std=c++17", *cpu_vector_flags(), *openmp_flags()]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if torch.version.cuda and cpp_extension.CUDA_HOME and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -45,6 +56,7 @@ def extension():
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=openmp_flags(),
         )
     print("kd_kernels: building CPU kernels only (no CUDA build of torch or no CUDA_HOME)")
     return cpp_extension.CppExtension(
@@ -52,6 +64,7 @@ def extension():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=openmp_flags(),
     )
 
 

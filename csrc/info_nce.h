@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 
 namespace kd_kernels {
@@ -92,6 +93,25 @@ std::tuple<at::Tensor, at::Tensor> info_nce_forward(const at::Tensor& query, con
   return {loss, lse};
 }
 
+// The chain rule from u = W k and v = W^T q (W of the objective, see above) to the inputs:
+// d query, d key in their dtypes and d temperature (0-dim, in its dtype).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_input_grads(
+    at::Tensor u, at::Tensor v, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& inv_q, const at::Tensor& inv_k, const at::Tensor& temperature,
+    bool cosine, at::ScalarType query_dtype) {
+  const auto acc = q.scalar_type();
+  const auto q_dot_u = (q * u).sum(1), k_dot_v = (k * v).sum(1);
+  auto grad_temperature = (-q_dot_u.sum() / temperature.to(acc)).to(temperature.scalar_type());
+  if (cosine) {
+    // Through x / max(|x|, eps): project out the x direction where |x| > eps.
+    const auto q_live = (at::linalg_vector_norm(q, 2, {1}) > kNormalizeEps).to(acc);
+    const auto k_live = (at::linalg_vector_norm(k, 2, {1}) > kNormalizeEps).to(acc);
+    u.sub_(q * (inv_q.square() * q_dot_u * q_live).unsqueeze(1));
+    v.sub_(k * (inv_k.square() * k_dot_v * k_live).unsqueeze(1));
+  }
+  return {u.to(query_dtype), v.to(query_dtype), grad_temperature};
+}
+
 template <InfoNCEBlockGrad block_grad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward(
     const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
@@ -118,16 +138,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward(
     at::mm_out(u_block, weights, k);
     v.addmm_(weights.t(), q_block);
   }
-  const auto q_dot_u = (q * u).sum(1), k_dot_v = (k * v).sum(1);
-  auto grad_temperature = (-q_dot_u.sum() / temperature.to(acc)).to(temperature.scalar_type());
-  if (cosine) {
-    // Through x / max(|x|, eps): project out the x direction where |x| > eps.
-    const auto q_live = (at::linalg_vector_norm(q, 2, {1}) > kNormalizeEps).to(acc);
-    const auto k_live = (at::linalg_vector_norm(k, 2, {1}) > kNormalizeEps).to(acc);
-    u.sub_(q * (inv_q.square() * q_dot_u * q_live).unsqueeze(1));
-    v.sub_(k * (inv_k.square() * k_dot_v * k_live).unsqueeze(1));
+  return info_nce_input_grads(u, v, q, k, inv_q, inv_k, temperature, cosine,
+                              query.scalar_type());
+}
+
+// Loss and gradient in one walk, for an objective whose row weights are known in forward
+// (mean: 1/N, sum: 1): returns (loss (N,), d query, d key, d temperature) of
+// sum_i row_weight_i loss_i. Each block of query rows holds every key, so its softmax is final
+// as soon as its row log-sum-exps are: three matmuls in all, where forward + backward take four.
+//
+// symmetric (labels must be arange(N), M >= N): loss_i = (fwd_i + rev_i) / 2 with
+// rev_j = logsumexp_i z_ij - z_jj over the N queries, the column direction of the same z.
+// Its log-sum-exps need every row first: pass 1 forms them online over row blocks, pass 2
+// forms the gradient, G_ij = w_i/2 (P_ij - [j = y_i]) + w_j/2 (Pc_ij - [i = j]) for j < N,
+// with Pc_ij = exp(z_ij - clse_j). When N x M fits in keep_elements the one block of pass 1
+// is kept for pass 2 (three matmuls); else pass 2 recomputes it (four).
+template <InfoNCEBlockStats block_stats, InfoNCEBlockGrad block_grad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& labels,
+    const at::Tensor& temperature, bool cosine, const at::Tensor& row_weight, bool symmetric,
+    int64_t block_elements, int64_t keep_elements) {
+  check_info_nce_inputs(query, key, labels, temperature);
+  const int64_t rows = query.size(0), keys = key.size(0);
+  TORCH_CHECK_VALUE(row_weight.dim() == 1 && row_weight.size(0) == rows &&
+                        row_weight.device() == query.device(),
+                    "info_nce_fused: row_weight must be (N,) on the inputs' device");
+  TORCH_CHECK_VALUE(!symmetric || keys >= rows,
+                    "info_nce_fused: symmetric needs M >= N, got N=", rows, " M=", keys);
+  const auto acc = info_nce_acc_dtype(query);
+  const auto q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
+  const auto labels_c = labels.contiguous();
+  const auto inv_q = inverse_norms(q, cosine), inv_k = inverse_norms(k, cosine);
+  const auto row_scale = inv_q / temperature.to(acc);
+  const auto weight = row_weight.to(acc).contiguous();
+  auto lse = at::empty({rows}, q.options()), loss = at::empty({rows}, q.options());
+  auto u = at::empty_like(q), v = at::zeros_like(k);
+  const auto key_t = k.t();
+  const bool keep = symmetric && rows * keys <= keep_elements;
+  const int64_t step = keep ? rows : info_nce_block_rows(rows, keys, block_elements);
+
+  // Row block [begin, end) of z restricted to the first N keys (the column direction's part).
+  const auto paired_z = [&](const at::Tensor& dots, int64_t begin, int64_t end) {
+    return dots.narrow(1, 0, rows) * row_scale.slice(0, begin, end).unsqueeze(1) *
+           inv_k.narrow(0, 0, rows).unsqueeze(0);
+  };
+  // Overwrites the block's z with the row direction's W (plus extra over the first N keys,
+  // the column direction's share) and adds W k to u and W^T q to v.
+  const auto gradient_block = [&](at::Tensor& dots, const at::Tensor& row_weight_block,
+                                  int64_t begin, int64_t end, const at::Tensor& extra) {
+    block_grad(dots, row_scale.slice(0, begin, end), inv_k, labels_c.slice(0, begin, end),
+               lse.slice(0, begin, end), row_weight_block);
+    if (extra.defined()) dots.narrow(1, 0, rows).add_(extra);
+    auto u_block = u.slice(0, begin, end);
+    at::mm_out(u_block, dots, k);
+    v.addmm_(dots.t(), q.slice(0, begin, end));
+  };
+
+  if (!symmetric) {
+    for (int64_t begin = 0; begin < rows; begin += step) {
+      const int64_t end = std::min(rows, begin + step);
+      auto dots = at::mm(q.slice(0, begin, end), key_t);
+      auto lse_block = lse.slice(0, begin, end), loss_block = loss.slice(0, begin, end);
+      block_stats(dots, row_scale.slice(0, begin, end), inv_k, labels_c.slice(0, begin, end),
+                  lse_block, loss_block);
+      gradient_block(dots, weight.slice(0, begin, end), begin, end, at::Tensor());
+    }
+    auto [grad_query, grad_key, grad_temperature] = info_nce_input_grads(
+        u, v, q, k, inv_q, inv_k, temperature, cosine, query.scalar_type());
+    return {loss, grad_query, grad_key, grad_temperature};
   }
-  return {u.to(query.scalar_type()), v.to(key.scalar_type()), grad_temperature};
+
+  auto column_lse = at::full({rows}, -std::numeric_limits<double>::infinity(), q.options());
+  auto diagonal_z = at::empty({rows}, q.options());
+  at::Tensor kept;
+  for (int64_t begin = 0; begin < rows; begin += step) {
+    const int64_t end = std::min(rows, begin + step);
+    auto dots = at::mm(q.slice(0, begin, end), key_t);
+    auto lse_block = lse.slice(0, begin, end), loss_block = loss.slice(0, begin, end);
+    block_stats(dots, row_scale.slice(0, begin, end), inv_k, labels_c.slice(0, begin, end),
+                lse_block, loss_block);
+    const auto z = paired_z(dots, begin, end);
+    column_lse = at::logaddexp(column_lse, at::logsumexp(z, {0}));
+    diagonal_z.slice(0, begin, end).copy_(z.diagonal(begin));
+    if (keep) kept = dots;
+  }
+  const auto reverse = column_lse - diagonal_z;
+  const auto half_weight = weight * 0.5;
+  const auto column_factor = (half_weight * inv_k.narrow(0, 0, rows)).unsqueeze(0);
+  for (int64_t begin = 0; begin < rows; begin += step) {
+    const int64_t end = std::min(rows, begin + step);
+    auto dots = keep ? kept : at::mm(q.slice(0, begin, end), key_t);
+    // The column part first, from z, before the row kernel overwrites the block.
+    auto column_part = (paired_z(dots, begin, end) - column_lse.unsqueeze(0)).exp_();
+    column_part.diagonal(begin).sub_(1);
+    column_part.mul_(row_scale.slice(0, begin, end).unsqueeze(1)).mul_(column_factor);
+    gradient_block(dots, half_weight.slice(0, begin, end), begin, end, column_part);
+  }
+  auto [grad_query, grad_key, grad_temperature] = info_nce_input_grads(
+      u, v, q, k, inv_q, inv_k, temperature, cosine, query.scalar_type());
+  return {(loss + reverse) / 2, grad_query, grad_key, grad_temperature};
 }
 
 }  // namespace kd_kernels

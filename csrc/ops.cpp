@@ -42,6 +42,13 @@ TORCH_LIBRARY(kd_kernels, m) {
   m.def(
       "info_nce_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor labels, "
       "Tensor temperature, Tensor lse, bool cosine) -> (Tensor, Tensor, Tensor)");
+  // Loss and gradient in one walk when the row weights of the objective are known in forward
+  // (reduction mean or sum): returns the per-query loss (N,) and the gradients of
+  // sum_i row_weight_i loss_i as info_nce_backward gives them. symmetric (labels arange(N),
+  // M >= N) adds the column direction of the same similarities: loss_i = (fwd_i + rev_i) / 2.
+  m.def(
+      "info_nce_fused(Tensor query, Tensor key, Tensor labels, Tensor temperature, bool cosine, "
+      "Tensor row_weight, bool symmetric) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // kd_kernels._C is imported as a Python module only to load this library (and its

@@ -163,6 +163,70 @@ def _info_nce_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.cosine = cosine
 
 
+def _info_nce_fused_fake(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    cosine: bool,
+    row_weight: torch.Tensor,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    losses = query.new_empty(query.shape[0], dtype=_row_loss_dtype(query))
+    return losses, torch.empty_like(query), torch.empty_like(key), temperature.new_empty(())
+
+
+def _info_nce_fused_not_differentiable(ctx: Any, *grads: Any) -> tuple:
+    raise RuntimeError(
+        "kd_kernels::info_nce_fused returns its own gradients and cannot be differentiated; "
+        "call kd_kernels.info_nce_loss, whose autograd uses them"
+    )
+
+
+class InfoNCEGradInForward(torch.autograd.Function):
+    """info_nce_loss reduced by ``"mean"`` or ``"sum"`` on the cpu and cuda backends.
+
+    The row weights of the objective are known in forward (1/N or 1), so forward runs
+    ``info_nce_fused``, which forms the gradients along with the loss: three matmuls where the
+    forward op plus a backward that recomputes the similarities take four, and for the
+    symmetric loss one walk over the similarities instead of one per direction. Backward only
+    scales the gradients by the scalar ``grad_output`` (out of place: it may run twice).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: torch.Tensor,
+        cosine: bool,
+        symmetric: bool,
+        reduction: str,
+    ) -> torch.Tensor:
+        count = query.shape[0]
+        weight = 1.0 / count if reduction == "mean" else 1.0
+        row_weight = torch.full((count,), weight, dtype=temperature.dtype, device=query.device)
+        losses, grad_query, grad_key, grad_temperature = torch.ops.kd_kernels.info_nce_fused(
+            query, key, labels, temperature, cosine, row_weight, symmetric
+        )
+        ctx.save_for_backward(grad_query, grad_key, grad_temperature)
+        return losses.mean() if reduction == "mean" else losses.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        grad_query, grad_key, grad_temperature = ctx.saved_tensors
+        return (
+            grad_query * grad_output.to(grad_query.dtype),
+            grad_key * grad_output.to(grad_key.dtype),
+            None,
+            grad_temperature * grad_output.to(grad_temperature.dtype),
+            None,
+            None,
+            None,
+        )
+
+
 def register_info_nce_ops(forward_op: str, backward_op: str, backward: Callable) -> None:
     """Registers fake implementations of one backend's InfoNCE pair and the forward's autograd,
     which recomputes the similarities block by block in ``backward`` (the backward op)."""
@@ -194,4 +258,10 @@ if HAS_EXTENSION:
         "kd_kernels::info_nce_forward",
         "kd_kernels::info_nce_backward",
         torch.ops.kd_kernels.info_nce_backward,
+    )
+    torch.library.register_fake("kd_kernels::info_nce_fused")(_info_nce_fused_fake)
+    torch.library.register_autograd(
+        "kd_kernels::info_nce_fused",
+        _info_nce_fused_not_differentiable,
+        setup_context=lambda ctx, inputs, output: None,
     )

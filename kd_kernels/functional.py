@@ -495,7 +495,10 @@ def info_nce_loss(
 
     The triton backend keeps per-row log-sum-exp statistics and recomputes similarity tiles in
     backward (flash-attention style); cpu and cuda walk blocks of query rows with a bounded
-    (rows x M) buffer. Neither holds the N x M matrix; torch (the reference) does.
+    (rows x M) buffer. Neither holds the N x M matrix; torch (the reference) does. With a
+    ``"mean"`` or ``"sum"`` reduction and a gradient to form, cpu and cuda compute the loss and
+    the gradients in one walk (three matmuls instead of four; for the symmetric loss one walk
+    for both directions) and backward only scales them.
     """
     check_float_tensor("query", query)
     check_float_tensor("key", key)
@@ -541,6 +544,14 @@ def info_nce_loss(
             raise ValueError(f"labels must lie in [0, M) = [0, {key.shape[0]})")
         labels = labels.to(torch.int64) + key_offset
     cosine = similarity == "cosine"
+    fuse = _info_nce_gradient_in_forward(
+        chosen, reduction, gather_distributed, query, key, temperature
+    )
+    if fuse:
+        temperature = _info_nce_temperature_tensor(temperature, query)
+        return _ops.InfoNCEGradInForward.apply(
+            query, key, labels, temperature, cosine, symmetric, reduction
+        )
     losses = _info_nce_rows(chosen, query, keys, labels, temperature, cosine)
     if symmetric:
         reverse_labels = torch.arange(query_offset, query_offset + count, device=device)
@@ -566,6 +577,34 @@ def _check_info_nce_temperature(temperature: object, device: torch.device) -> fl
     return temperature.to(device)
 
 
+def _info_nce_gradient_in_forward(
+    backend: str,
+    reduction: str,
+    gather_distributed: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: float | torch.Tensor,
+) -> bool:
+    """Whether the fused loss-and-gradient op serves this call: a cpu or cuda backend, a
+    scalar reduction (row weights known in forward), no gathered keys (the symmetric walk needs
+    one shared similarity matrix) and a gradient to form."""
+    if backend not in ("cpu", "cuda") or reduction == "none" or gather_distributed:
+        return False
+    temperature_grad = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    wants_grad = query.requires_grad or key.requires_grad or temperature_grad
+    return torch.is_grad_enabled() and wants_grad
+
+
+def _info_nce_temperature_tensor(
+    temperature: float | torch.Tensor, query: torch.Tensor
+) -> torch.Tensor:
+    """The ops' temperature: 0-dim, float32 (float64 for float64 inputs), on query's device."""
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(dtype)
+    return torch.full((), temperature, dtype=dtype, device=query.device)
+
+
 def _info_nce_rows(
     backend: str,
     query: torch.Tensor,
@@ -578,11 +617,7 @@ def _info_nce_rows(
     if backend == "torch":
         similarity = "cosine" if cosine else "dot"
         return reference.info_nce_row_losses(query, key, labels, temperature, similarity)
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.to(dtype)
-    else:
-        temperature = torch.full((), temperature, dtype=dtype, device=query.device)
+    temperature = _info_nce_temperature_tensor(temperature, query)
     losses, _ = _info_nce_op(backend)(query, key, labels.contiguous(), temperature, cosine)
     return losses
 

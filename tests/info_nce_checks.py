@@ -17,7 +17,11 @@ def loss_and_grads(backend, query, key, temperature=0.05, grad_seed=1, **options
     """
     query = query.detach().clone().requires_grad_(True)
     key = key.detach().clone().requires_grad_(True)
-    temperature = torch.tensor(float(temperature), device=query.device, requires_grad=True)
+    # float64 inputs get a float64 temperature, so its gradient is not rounded to float32.
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    temperature = torch.tensor(
+        float(temperature), dtype=dtype, device=query.device, requires_grad=True
+    )
     loss = kdk.info_nce_loss(query, key, temperature=temperature, backend=backend, **options)
     weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(grad_seed))
     grads = torch.autograd.grad((loss * weights.to(loss.device)).sum(), (query, key, temperature))

@@ -20,7 +20,9 @@ SHAPES = [(1, 1, 1), (7, 12, 257), (130, 130, 64), (1000, 3000, 768), (4096, 409
 @pytest.mark.parametrize("similarity", reference.INFO_NCE_SIMILARITIES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one_way", "symmetric"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gpu_matches_reference(backend, dtype, similarity, symmetric, shape):
+# "mean" takes the cuda backend's loss-and-gradient op (info_nce_fused); "none" the recompute.
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gpu_matches_reference(backend, dtype, similarity, symmetric, shape, reduction):
     rows, keys, dim = shape
     query, key = embeddings(rows, dim, dtype, "cuda"), embeddings(keys, dim, dtype, "cuda")
     temperature = 0.05 if similarity == "cosine" else float(dim) ** 0.5
@@ -31,7 +33,7 @@ def test_gpu_matches_reference(backend, dtype, similarity, symmetric, shape):
         temperature=temperature,
         similarity=similarity,
         symmetric=symmetric,
-        reduction="none",
+        reduction=reduction,
     )
 
 

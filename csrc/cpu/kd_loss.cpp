@@ -19,17 +19,6 @@
 namespace kd_kernels {
 namespace {
 
-// Max over the first `count` entries; NaN if any entry is NaN.
-template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t count) {
-  acc_t best = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t c = 0; c < count; ++c) {
-    if (std::isnan(x[c])) return x[c];
-    best = x[c] > best ? x[c] : best;
-  }
-  return best;
-}
-
 // Writes exps_c = exp(x_c * scale - max * scale) over a padded row, given max_c x_c (finite),
 // and returns their sum: the softmax numerators and denominator, computed once per row.
 template <typename acc_t>

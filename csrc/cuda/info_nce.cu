@@ -33,6 +33,8 @@ constexpr int kThreads = 256;
 constexpr int64_t kWarpRowMaxCols = 1024;  // up to this, a row never crosses a warp
 // 2^26 fp32 dots are 256 MiB: cuBLAS runs at full speed, and it is small against an 80 GB GPU.
 constexpr int64_t kBlockElements = int64_t(1) << 26;
+// Symmetric loss: a single block of up to 2^26 similarities is kept between its two passes.
+constexpr int64_t kKeptElements = kBlockElements;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
@@ -241,9 +243,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
                                                      lse, cosine, kBlockElements);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& labels,
+    const at::Tensor& temperature, bool cosine, const at::Tensor& row_weight, bool symmetric) {
+  c10::cuda::CUDAGuard device_guard(query.device());
+  return info_nce_fused<info_nce_block_stats_cuda, info_nce_block_grad_cuda>(
+      query, key, labels, temperature, cosine, row_weight, symmetric, kBlockElements,
+      kKeptElements);
+}
+
 TORCH_LIBRARY_IMPL(kd_kernels, CUDA, m) {
   m.impl("info_nce_forward", TORCH_FN(info_nce_forward_cuda));
   m.impl("info_nce_backward", TORCH_FN(info_nce_backward_cuda));
+  m.impl("info_nce_fused", TORCH_FN(info_nce_fused_cuda));
 }
 
 }  // namespace kd_kernels
