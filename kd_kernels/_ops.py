@@ -64,29 +64,49 @@ def register_kd_loss_ops(forward_op: str, forward_out_op: str) -> None:
     )
 
 
-class KDLossGradInStudent(torch.autograd.Function):
-    """kd_loss with ``inplace_grad=True``: the gradient is written over the student logits.
+class KDLossWithGrad(torch.autograd.Function):
+    """kd_loss's autograd outside ``torch.compile``: forward runs the backend's ``*_out`` op,
+    which writes d row_loss / d student along with the loss, and reduces the row losses;
+    backward scales the gradient (by grad_output / divisor, or per row for ``"none"``).
 
-    Forward runs the ``*_out`` op with the student's own storage as the gradient buffer, so
-    no (N, C) buffer is allocated; backward scales that storage in place and returns it. The
-    op bumps the student's version counter, so autograd raises a clear error if anything
-    else saved the logits for its own backward. Backward can run once.
+    ``divisor``: None returns the (N,) row losses; else the sum of the row losses divided by
+    it (an int, or a 0-dim count on the device). The gradient buffer is a new (N, C) tensor
+    (backward scales a copy, so it may run twice), or with ``inplace`` the student's own
+    storage: no allocation, backward scales it in place and runs once; the op bumps the
+    student's version counter, so autograd raises a clear error if anything else saved the
+    logits. The formula of the op's registered autograd, in one node and without
+    torch.library's per-call Python (filling the schema's defaults, ~60-150 us a call), which
+    decided the time of GLUE-head-sized losses.
     """
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, forward_out: Callable, *op_args: Any):
-        row_loss = forward_out(student, *op_args, student)
-        ctx.grad_storage = student
-        return row_loss
+    def forward(
+        ctx: Any,
+        student: torch.Tensor,
+        forward_out: Callable,
+        inplace: bool,
+        divisor: torch.Tensor | int | None,
+        *op_args: Any,
+    ) -> torch.Tensor:
+        grad = student if inplace else torch.empty_like(student)
+        row_loss = forward_out(student, *op_args, grad)
+        ctx.grad_storage, ctx.inplace, ctx.divisor = grad, inplace, divisor
+        return row_loss if divisor is None else row_loss.sum() / divisor
 
     @staticmethod
-    def backward(ctx: Any, grad_row_loss: torch.Tensor):
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
         grad = ctx.grad_storage
         if grad is None:
             raise RuntimeError("kd_loss(inplace_grad=True): backward can run only once")
-        ctx.grad_storage = None
-        grad.mul_(grad_row_loss.unsqueeze(-1))
-        return (grad, None) + (None,) * 10
+        # "none": one weight per row; else the scalar reduction's weight of every row.
+        scale = grad_loss.unsqueeze(-1) if ctx.divisor is None else grad_loss / ctx.divisor
+        scale = scale.to(grad.dtype)
+        if ctx.inplace:
+            ctx.grad_storage = None
+            grad_student = grad.mul_(scale)
+        else:
+            grad_student = grad * scale
+        return (grad_student, None, None, None) + (None,) * 10
 
 
 def _layer_mse_forward_fake(

@@ -160,9 +160,17 @@ def kd_loss(
             )
         if student.data_ptr() != student_logits.data_ptr() or not student.is_contiguous():
             raise ValueError("inplace_grad=True needs contiguous student_logits")
-        row_loss = _ops.KDLossGradInStudent.apply(student, forward_out_op, *op_args)
-    else:
-        row_loss, _ = forward_op(student, *op_args, need_grad)
+    if need_grad and (inplace_grad or not torch.compiler.is_compiling()):
+        divisor = None
+        if reduction != "none":
+            counted = counted_rows(
+                student.shape[0], flat_mask, flat_labels, int(ignore_index), student.device
+            )
+            divisor = row_divisor(reduction, student.shape[0], num_classes, counted)
+        loss = _ops.KDLossWithGrad.apply(student, forward_out_op, inplace_grad, divisor, *op_args)
+        return loss.reshape(row_shape) if divisor is None else loss
+    # No gradient, or inside torch.compile: the op and its registered autograd.
+    row_loss, _ = forward_op(student, *op_args, need_grad)
     return _reduce_rows(
         row_loss, reduction, row_shape, num_classes, flat_mask, flat_labels, int(ignore_index)
     )

@@ -64,3 +64,42 @@ def test_torch_compile_fullgraph_traces_through_kd_loss(backend):
     (expected_grad,) = torch.autograd.grad(expected, student)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize(
+    ("kind", "labels", "mask", "hard_weight"), OP_CASES, ids=[c[0] for c in OP_CASES]
+)
+def test_eager_autograd_matches_the_registered_one(
+    backend, reduction, kind, labels, mask, hard_weight
+):
+    """Outside torch.compile kd_loss runs its op inside one autograd.Function
+    (_ops.KDLossWithGrad, reduction included); the op's registered autograd (what compile
+    traces) must give the same loss and gradient, and backward may run twice."""
+    device = device_for(backend)
+    student = torch.randn(5, 11, device=device, requires_grad=True)
+    teacher = torch.randn(2, 5, 11, device=device)
+    labels = None if labels is None else labels.to(device)
+    mask = None if mask is None else mask.to(device)
+    options = dict(kind=kind, labels=labels, mask=mask, hard_weight=hard_weight, temperature=2.0)
+    loss = kdk.kd_loss(student, teacher, reduction=reduction, backend=backend, **options)
+    assert type(loss.grad_fn).__name__ in ("KDLossWithGradBackward", "ViewBackward0")
+    weights = torch.rand(loss.shape, device=device)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), student, retain_graph=True)
+    (again,) = torch.autograd.grad((loss * weights).sum(), student)
+    torch.testing.assert_close(again, grad)
+
+    row_loss, _ = op_for(backend)(
+        student, teacher, labels, mask, 2.0, kind, 1.0, hard_weight, 0.5, True, -100, True
+    )
+    counted = torch.ones(5, dtype=torch.bool, device=device)
+    if mask is not None:
+        counted &= mask
+    if labels is not None:
+        counted &= labels != -100
+    divisor = {"batchmean": counted.sum(), "sum": 1, "mean": counted.sum() * 11, "none": None}
+    expected = row_loss if reduction == "none" else row_loss.sum() / divisor[reduction]
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), student)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
