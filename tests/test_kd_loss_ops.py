@@ -1,5 +1,7 @@
 """kd_loss ops: torch.library registration (opcheck) and torch.compile(fullgraph=True)."""
 
+import sys
+
 import pytest
 import torch
 from conftest import cpu_backends, device_for
@@ -103,3 +105,13 @@ def test_eager_autograd_matches_the_registered_one(
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), student)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the OpenMP build flag is set on Linux only")
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for forks threads only in code compiled with -fopenmp; without it every
+    CPU kernel silently runs on one thread (as the extension once did)."""
+    from kd_kernels import _C
+
+    with open(_C.__file__, "rb") as library:
+        assert b"GOMP_parallel" in library.read()
