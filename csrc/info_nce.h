@@ -182,6 +182,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused(
     return dots.narrow(1, 0, rows) * row_scale.slice(0, begin, end).unsqueeze(1) *
            inv_k.narrow(0, 0, rows).unsqueeze(0);
   };
+  // The block's raw dot products, with its rows' log-sum-exps and losses filled in.
+  const auto row_stats_block = [&](int64_t begin, int64_t end) {
+    auto dots = at::mm(q.slice(0, begin, end), key_t);
+    auto lse_block = lse.slice(0, begin, end), loss_block = loss.slice(0, begin, end);
+    block_stats(dots, row_scale.slice(0, begin, end), inv_k, labels_c.slice(0, begin, end),
+                lse_block, loss_block);
+    return dots;
+  };
   // Overwrites the block's z with the row direction's W (plus extra over the first N keys,
   // the column direction's share) and adds W k to u and W^T q to v.
   const auto gradient_block = [&](at::Tensor& dots, const at::Tensor& row_weight_block,
@@ -197,10 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused(
   if (!symmetric) {
     for (int64_t begin = 0; begin < rows; begin += step) {
       const int64_t end = std::min(rows, begin + step);
-      auto dots = at::mm(q.slice(0, begin, end), key_t);
-      auto lse_block = lse.slice(0, begin, end), loss_block = loss.slice(0, begin, end);
-      block_stats(dots, row_scale.slice(0, begin, end), inv_k, labels_c.slice(0, begin, end),
-                  lse_block, loss_block);
+      auto dots = row_stats_block(begin, end);
       gradient_block(dots, weight.slice(0, begin, end), begin, end, at::Tensor());
     }
     auto [grad_query, grad_key, grad_temperature] = info_nce_input_grads(
@@ -213,10 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused(
   at::Tensor kept;
   for (int64_t begin = 0; begin < rows; begin += step) {
     const int64_t end = std::min(rows, begin + step);
-    auto dots = at::mm(q.slice(0, begin, end), key_t);
-    auto lse_block = lse.slice(0, begin, end), loss_block = loss.slice(0, begin, end);
-    block_stats(dots, row_scale.slice(0, begin, end), inv_k, labels_c.slice(0, begin, end),
-                lse_block, loss_block);
+    auto dots = row_stats_block(begin, end);
     const auto z = paired_z(dots, begin, end);
     column_lse = at::logaddexp(column_lse, at::logsumexp(z, {0}));
     diagonal_z.slice(0, begin, end).copy_(z.diagonal(begin));

@@ -58,6 +58,18 @@ def assert_matches_reference(backend, query, key, **options):
     return ours
 
 
+def assert_shape_matches_reference(backend, shape, dtype, device, similarity, **options):
+    """Random (N, D) queries and (M, D) keys of ``shape`` = (N, M, D) against the reference,
+    with a temperature that keeps the logits sane for ``similarity``."""
+    rows, keys, dim = shape
+    query, key = embeddings(rows, dim, dtype, device), embeddings(keys, dim, dtype, device)
+    # dot products of unit-variance rows grow like sqrt(D): a temperature that keeps them sane.
+    temperature = 0.05 if similarity == "cosine" else float(dim) ** 0.5
+    return assert_matches_reference(
+        backend, query, key, temperature=temperature, similarity=similarity, **options
+    )
+
+
 def _max_abs_logit(query, key, temperature=0.05, similarity="cosine", **_):
     q, k = query.double(), key.double()
     if similarity == "cosine":

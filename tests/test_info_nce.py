@@ -4,7 +4,7 @@ temperature) over N x M x D x dtype x similarity x symmetric x labels x reductio
 import pytest
 import torch
 from conftest import DTYPES, cpu_backends, device_for
-from info_nce_checks import assert_matches_reference, embeddings
+from info_nce_checks import assert_matches_reference, assert_shape_matches_reference, embeddings
 
 import kd_kernels as kdk
 from kd_kernels import reference
@@ -20,19 +20,9 @@ SHAPES = [(1, 1, 1), (5, 5, 16), (7, 12, 257), (33, 70, 40), (130, 130, 8)]
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one_way", "symmetric"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(backend, dtype, similarity, symmetric, shape):
-    rows, keys, dim = shape
     device = device_for(backend)
-    query, key = embeddings(rows, dim, dtype, device), embeddings(keys, dim, dtype, device)
-    # dot products of unit-variance rows grow like sqrt(D): a temperature that keeps them sane.
-    temperature = 0.05 if similarity == "cosine" else float(dim) ** 0.5
-    assert_matches_reference(
-        backend,
-        query,
-        key,
-        temperature=temperature,
-        similarity=similarity,
-        symmetric=symmetric,
-        reduction="none",
+    assert_shape_matches_reference(
+        backend, shape, dtype, device, similarity, symmetric=symmetric, reduction="none"
     )
 
 

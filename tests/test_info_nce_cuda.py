@@ -6,7 +6,7 @@ Run on a GPU machine with ``python -m pytest -m cuda``; deselected by default (p
 import pytest
 import torch
 from conftest import DTYPES, gpu_backends
-from info_nce_checks import assert_matches_reference, embeddings
+from info_nce_checks import assert_matches_reference, assert_shape_matches_reference, embeddings
 
 from kd_kernels import reference
 
@@ -23,17 +23,8 @@ SHAPES = [(1, 1, 1), (7, 12, 257), (130, 130, 64), (1000, 3000, 768), (4096, 409
 # "mean" takes the cuda backend's loss-and-gradient op (info_nce_fused); "none" the recompute.
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_gpu_matches_reference(backend, dtype, similarity, symmetric, shape, reduction):
-    rows, keys, dim = shape
-    query, key = embeddings(rows, dim, dtype, "cuda"), embeddings(keys, dim, dtype, "cuda")
-    temperature = 0.05 if similarity == "cosine" else float(dim) ** 0.5
-    assert_matches_reference(
-        backend,
-        query,
-        key,
-        temperature=temperature,
-        similarity=similarity,
-        symmetric=symmetric,
-        reduction=reduction,
+    assert_shape_matches_reference(
+        backend, shape, dtype, "cuda", similarity, symmetric=symmetric, reduction=reduction
     )
 
 

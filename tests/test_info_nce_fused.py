@@ -6,7 +6,7 @@ path is (not) taken."""
 import pytest
 import torch
 from conftest import DTYPES, cpu_backends
-from info_nce_checks import assert_matches_reference, embeddings
+from info_nce_checks import assert_matches_reference, assert_shape_matches_reference, embeddings
 
 import kd_kernels as kdk
 from kd_kernels import reference
@@ -29,17 +29,8 @@ def _fused_loss(query, key, **options):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(backend, dtype, similarity, symmetric, reduction, shape):
-    rows, keys, dim = shape
-    query, key = embeddings(rows, dim, dtype), embeddings(keys, dim, dtype)
-    temperature = 0.05 if similarity == "cosine" else float(dim) ** 0.5
-    assert_matches_reference(
-        backend,
-        query,
-        key,
-        temperature=temperature,
-        similarity=similarity,
-        symmetric=symmetric,
-        reduction=reduction,
+    assert_shape_matches_reference(
+        backend, shape, dtype, "cpu", similarity, symmetric=symmetric, reduction=reduction
     )
 
 
