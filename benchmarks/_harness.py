@@ -150,6 +150,17 @@ def write_results(name: str, device: str, payload: dict, table: str) -> str:
     return path
 
 
+def plot_lines(time_axis: object, memory_axis: object, lines: dict[str, list[tuple]]) -> None:
+    """A line per implementation on matplotlib time and memory axes; points are
+    (x, median ms, peak extra MiB), plotted in x order, memory floored at 1e-3 MiB so that a
+    zero stays on a log axis."""
+    for name, points in lines.items():
+        points = sorted(points)
+        xs = [p[0] for p in points]
+        time_axis.plot(xs, [p[1] for p in points], marker="o", label=name)
+        memory_axis.plot(xs, [max(p[2], 1e-3) for p in points], marker="o", label=name)
+
+
 def markdown_table(rows: list[Measurement], baseline: str) -> str:
     base = next(r for r in rows if r.name == baseline)
     lines = [

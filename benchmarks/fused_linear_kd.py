@@ -31,6 +31,7 @@ from benchmarks._harness import (
     loss_step,
     markdown_table,
     measure_at_size,
+    plot_lines,
     report,
     suite_implementations,
 )
@@ -170,11 +171,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: str) -> str:
                 (row["n"], row["median_ms"], row["peak_extra_mib"])
             )
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(12, 4))
-    for name, points in lines.items():
-        points.sort()
-        xs = [p[0] for p in points]
-        time_axis.plot(xs, [p[1] for p in points], marker="o", label=name)
-        memory_axis.plot(xs, [max(p[2], 1e-3) for p in points], marker="o", label=name)
+    plot_lines(time_axis, memory_axis, lines)
     for axis, ylabel in ((time_axis, "median ms, fwd+bwd"), (memory_axis, "peak extra MiB")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")

@@ -26,6 +26,7 @@ from benchmarks._harness import (
     loss_step,
     machine_info,
     measure,
+    plot_lines,
 )
 
 OPS = ("kd_loss", "attention_mse", "hidden_mse", "info_nce", "fused_linear_kd")
@@ -172,11 +173,7 @@ def plots(payload: dict, folder: str) -> list[str]:
     for mode, ops in series.items():
         figure, axes = plt.subplots(len(ops), 2, figsize=(12, 3.6 * len(ops)), squeeze=False)
         for (op, lines), (time_axis, memory_axis) in zip(ops.items(), axes, strict=True):
-            for name, points in lines.items():
-                points.sort()
-                xs = [p[0] for p in points]
-                time_axis.plot(xs, [p[1] for p in points], marker="o", label=name)
-                memory_axis.plot(xs, [max(p[2], 1e-3) for p in points], marker="o", label=name)
+            plot_lines(time_axis, memory_axis, lines)
             for axis, ylabel in ((time_axis, "median ms"), (memory_axis, "peak extra MiB")):
                 axis.set_xscale("log")
                 axis.set_yscale("log")
