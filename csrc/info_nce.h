@@ -64,6 +64,23 @@ inline at::Tensor inverse_norms(const at::Tensor& x, bool cosine) {
   return at::linalg_vector_norm(x, 2, {1}).clamp_min(kNormalizeEps).reciprocal();
 }
 
+// The inputs as every walk over the blocks needs them (checked): query and key contiguous in
+// the accumulation type, the contiguous labels, the inverse norms a_i, b_j, and a_i / t.
+struct InfoNCEOperands {
+  at::Tensor q, k, labels, inv_q, inv_k, row_scale;
+};
+
+inline InfoNCEOperands info_nce_operands(const at::Tensor& query, const at::Tensor& key,
+                                         const at::Tensor& labels, const at::Tensor& temperature,
+                                         bool cosine) {
+  check_info_nce_inputs(query, key, labels, temperature);
+  const auto acc = info_nce_acc_dtype(query);
+  auto q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
+  auto inv_q = inverse_norms(q, cosine), inv_k = inverse_norms(k, cosine);
+  auto row_scale = inv_q / temperature.to(acc);
+  return {q, k, labels.contiguous(), inv_q, inv_k, row_scale};
+}
+
 inline int64_t info_nce_block_rows(int64_t rows, int64_t keys, int64_t block_elements) {
   return std::clamp<int64_t>(block_elements / std::max<int64_t>(keys, 1), 1, std::max<int64_t>(rows, 1));
 }
@@ -73,12 +90,9 @@ std::tuple<at::Tensor, at::Tensor> info_nce_forward(const at::Tensor& query, con
                                                     const at::Tensor& labels,
                                                     const at::Tensor& temperature, bool cosine,
                                                     int64_t block_elements) {
-  check_info_nce_inputs(query, key, labels, temperature);
-  const auto acc = info_nce_acc_dtype(query);
-  const auto q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
-  const auto labels_c = labels.contiguous();
-  const auto row_scale = inverse_norms(q, cosine) / temperature.to(acc);
-  const auto col_scale = inverse_norms(k, cosine);
+  const auto operands = info_nce_operands(query, key, labels, temperature, cosine);
+  const auto &q = operands.q, &k = operands.k, &labels_c = operands.labels;
+  const auto &row_scale = operands.row_scale, &col_scale = operands.inv_k;
   const int64_t rows = q.size(0);
   auto lse = at::empty({rows}, q.options()), loss = at::empty({rows}, q.options());
   const int64_t step = info_nce_block_rows(rows, k.size(0), block_elements);
@@ -117,13 +131,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward(
     const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& labels, const at::Tensor& temperature, const at::Tensor& lse, bool cosine,
     int64_t block_elements) {
-  check_info_nce_inputs(query, key, labels, temperature);
-  const auto acc = info_nce_acc_dtype(query);
-  const auto q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
-  const auto labels_c = labels.contiguous();
+  const auto operands = info_nce_operands(query, key, labels, temperature, cosine);
+  const auto &q = operands.q, &k = operands.k, &labels_c = operands.labels;
+  const auto &inv_q = operands.inv_q, &inv_k = operands.inv_k, &row_scale = operands.row_scale;
+  const auto acc = q.scalar_type();
   const auto grad_c = grad_loss.to(acc).contiguous(), lse_c = lse.to(acc).contiguous();
-  const auto inv_q = inverse_norms(q, cosine), inv_k = inverse_norms(k, cosine);
-  const auto row_scale = inv_q / temperature.to(acc);
   const int64_t rows = q.size(0);
   auto u = at::empty_like(q), v = at::zeros_like(k);
   const int64_t step = info_nce_block_rows(rows, k.size(0), block_elements);
@@ -158,19 +170,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& labels,
     const at::Tensor& temperature, bool cosine, const at::Tensor& row_weight, bool symmetric,
     int64_t block_elements, int64_t keep_elements) {
-  check_info_nce_inputs(query, key, labels, temperature);
   const int64_t rows = query.size(0), keys = key.size(0);
   TORCH_CHECK_VALUE(row_weight.dim() == 1 && row_weight.size(0) == rows &&
                         row_weight.device() == query.device(),
                     "info_nce_fused: row_weight must be (N,) on the inputs' device");
   TORCH_CHECK_VALUE(!symmetric || keys >= rows,
                     "info_nce_fused: symmetric needs M >= N, got N=", rows, " M=", keys);
-  const auto acc = info_nce_acc_dtype(query);
-  const auto q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
-  const auto labels_c = labels.contiguous();
-  const auto inv_q = inverse_norms(q, cosine), inv_k = inverse_norms(k, cosine);
-  const auto row_scale = inv_q / temperature.to(acc);
-  const auto weight = row_weight.to(acc).contiguous();
+  const auto operands = info_nce_operands(query, key, labels, temperature, cosine);
+  const auto &q = operands.q, &k = operands.k, &labels_c = operands.labels;
+  const auto &inv_q = operands.inv_q, &inv_k = operands.inv_k, &row_scale = operands.row_scale;
+  const auto weight = row_weight.to(q.scalar_type()).contiguous();
   auto lse = at::empty({rows}, q.options()), loss = at::empty({rows}, q.options());
   auto u = at::empty_like(q), v = at::zeros_like(k);
   const auto key_t = k.t();
