@@ -121,6 +121,9 @@ def _kd_loss_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in_range = rows < num_rows
     rows64 = rows.to(tl.int64)
+    # Triton types an integer argument as i32 when its value fits, so k * stride_tk would wrap
+    # for K teachers of N * C >= 2^31 / K elements: widen before any product.
+    stride_tk = tl.cast(stride_tk, tl.int64)
     counted = row_in_range
     label = tl.zeros([BLOCK_N], dtype=tl.int64)
     if HAS_MASK:
@@ -244,10 +247,16 @@ def _kd_loss_kernel(
     tl.store(row_loss_ptr + rows64, loss, mask=row_in_range)
 
 
+def _previous_power_of_2(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
 def _launch_config(num_rows: int, num_classes: int, num_teachers: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): ~TILE_ELEMENTS per program, many rows when rows are short."""
     tile = TILE_ELEMENTS * (4 if triton_interpreting() else 1)  # fewer programs to interpret
-    tile = max(tile // num_teachers, 256)
+    # K teachers share the tile; tl.arange needs powers of two, so round the share down.
+    tile = max(_previous_power_of_2(tile // num_teachers), 256)
     block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_COLUMNS, tile)
     block_n = max(1, min(triton.next_power_of_2(num_rows), tile // block_c))
     num_warps = 8 if block_n * block_c >= 4096 else 4
