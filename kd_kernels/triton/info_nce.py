@@ -5,8 +5,10 @@ similarities built from BLOCK_D slices of the embeddings with ``tl.dot`` (fp32 a
 folding them into a per-row online log-sum-exp. It keeps lse (N,) and nothing of size N x M.
 Backward recomputes the tiles: one kernel accumulates u = W k over the keys for a block of
 queries, another v = W^T q over the queries for a block of keys, where
-W_ij = g_i (softmax(z_i)_j - [j == label_i]) a_i b_j / temperature. The output columns are
-split in BLOCK_DO slices, so for D > BLOCK_DO the tiles are recomputed once per slice.
+W_ij = g_i (softmax(z_i)_j - [j == label_i]) a_i b_j / temperature. Only the O(1) part of W
+enters the low-precision tile product; its small row and column factors are applied in fp32.
+The output columns are split in BLOCK_DO slices, so for D > BLOCK_DO the tiles are
+recomputed once per slice.
 The cosine normalisation enters as the row/column scales a_i, b_j and, in the gradient, as
 a projection applied to u and v afterwards (see csrc/info_nce.h for the formulas).
 """
@@ -131,12 +133,12 @@ def _info_nce_forward_kernel(
 
 
 @triton.jit
-def _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok):
-    """W_ij = g_i (exp(z_ij - lse_i) - [j == label_i]) a_i b_j / t (row_scale holds a_i / t)."""
+def _softmax_minus_target(dots, row_scale, col_scale, lse, label, cols, row_ok, col_ok):
+    """P_ij = exp(z_ij - lse_i) - [j == label_i], z_ij = dots_ij a_i b_j / t (row_scale holds
+    a_i / t); 0 outside the valid rows and keys. |P_ij| <= 1: safe to round to fp16 / bf16."""
     z = dots * row_scale[:, None] * col_scale[None, :]
     p = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
-    w = p * (grad * row_scale)[:, None] * col_scale[None, :]
-    return tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
+    return tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
 
 
 @triton.jit
@@ -147,7 +149,6 @@ def _gradient_tile(
     row_scale_ptr,
     col_scale_ptr,
     lse_ptr,
-    grad_ptr,
     rows,
     cols,
     num_rows,
@@ -163,14 +164,13 @@ def _gradient_tile(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """The (BLOCK_N, BLOCK_M) tile of W for queries ``rows`` and keys ``cols``, recomputed
-    from the embeddings and the forward's per-query statistics."""
+    """The (BLOCK_N, BLOCK_M) tile of P = softmax - target for queries ``rows`` and keys
+    ``cols``, recomputed from the embeddings and the forward's per-query statistics."""
     row_ok = rows < num_rows
     col_ok = cols < num_keys
     row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
     col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
     dots = _similarity_tile(
         q_ptr,
@@ -190,7 +190,7 @@ def _gradient_tile(
         UPCAST,
         PRECISION,
     )
-    return _gradient_weights(dots, row_scale, col_scale, lse, grad, label, cols, row_ok, col_ok)
+    return _softmax_minus_target(dots, row_scale, col_scale, lse, label, cols, row_ok, col_ok)
 
 
 @triton.jit
@@ -201,7 +201,8 @@ def _info_nce_grad_query_kernel(
     row_scale_ptr,
     col_scale_ptr,
     lse_ptr,
-    grad_ptr,
+    row_factor_ptr,
+    col_scale_max_ptr,
     u_ptr,
     num_rows,
     num_keys,
@@ -217,21 +218,26 @@ def _info_nce_grad_query_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """u[rows, d-slice] = sum over key tiles of W @ k[:, d-slice]."""
+    """u[rows, d-slice] = r_i B sum_j (P_ij b_j / B) k_j[d-slice], r_i = g_i a_i / t.
+
+    The tile product sees only P_ij b_j / B (|.| <= 1, B = max_j b_j) and the raw keys: the
+    small factors (g_i = 1/N, the inverse norms) are applied in fp32 after the sum, so
+    rounding the tile to fp16 never pushes its entries below fp16's normal range."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d_ok = out_d < dim
+    inv_col_scale_max = 1.0 / tl.load(col_scale_max_ptr)
     u = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
     for start in range(0, num_keys, BLOCK_M):
         cols = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
-        w = _gradient_tile(
+        col_ok = cols < num_keys
+        p = _gradient_tile(
             q_ptr,
             k_ptr,
             labels_ptr,
             row_scale_ptr,
             col_scale_ptr,
             lse_ptr,
-            grad_ptr,
             rows,
             cols,
             num_rows,
@@ -247,18 +253,23 @@ def _info_nce_grad_query_kernel(
             UPCAST,
             PRECISION,
         )
+        col_weight = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0) * inv_col_scale_max
         k = tl.load(
             k_ptr + cols[:, None] * stride_kn + out_d[None, :] * stride_kd,
-            mask=(cols < num_keys)[:, None] & out_d_ok[None, :],
+            mask=col_ok[:, None] & out_d_ok[None, :],
             other=0.0,
         )
         if UPCAST:
             k = k.to(tl.float32)
-        u = tl.dot(w.to(k.dtype), k, u, input_precision=PRECISION)
+        tile = (p * col_weight[None, :]).to(k.dtype)
+        u = tl.dot(tile, k, u, input_precision=PRECISION)
+    row_ok = rows < num_rows
+    row_factor = tl.load(row_factor_ptr + rows, mask=row_ok, other=0.0)
+    u = u * (row_factor * tl.load(col_scale_max_ptr))[:, None]
     tl.store(
         u_ptr + rows[:, None] * dim + out_d[None, :],
         u,
-        mask=(rows < num_rows)[:, None] & out_d_ok[None, :],
+        mask=row_ok[:, None] & out_d_ok[None, :],
     )
 
 
@@ -270,7 +281,8 @@ def _info_nce_grad_key_kernel(
     row_scale_ptr,
     col_scale_ptr,
     lse_ptr,
-    grad_ptr,
+    row_factor_ptr,
+    row_factor_max_ptr,
     v_ptr,
     num_rows,
     num_keys,
@@ -286,21 +298,24 @@ def _info_nce_grad_key_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """v[cols, d-slice] = sum over query tiles of W^T @ q[:, d-slice]."""
+    """v[cols, d-slice] = b_j R sum_i (P_ij r_i / R) q_i[d-slice], R = max_i |r_i|: as in the
+    query kernel, the tile product holds only O(1) factors and the raw queries."""
     cols = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d_ok = out_d < dim
+    row_factor_max = tl.load(row_factor_max_ptr)
+    inv_row_factor_max = 1.0 / row_factor_max
     v = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
     for start in range(0, num_rows, BLOCK_N):
         rows = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        w = _gradient_tile(
+        row_ok = rows < num_rows
+        p = _gradient_tile(
             q_ptr,
             k_ptr,
             labels_ptr,
             row_scale_ptr,
             col_scale_ptr,
             lse_ptr,
-            grad_ptr,
             rows,
             cols,
             num_rows,
@@ -316,18 +331,23 @@ def _info_nce_grad_key_kernel(
             UPCAST,
             PRECISION,
         )
+        row_weight = tl.load(row_factor_ptr + rows, mask=row_ok, other=0.0) * inv_row_factor_max
         q = tl.load(
             q_ptr + rows[:, None] * stride_qn + out_d[None, :] * stride_qd,
-            mask=(rows < num_rows)[:, None] & out_d_ok[None, :],
+            mask=row_ok[:, None] & out_d_ok[None, :],
             other=0.0,
         )
         if UPCAST:
             q = q.to(tl.float32)
-        v = tl.dot(tl.trans(w.to(q.dtype)), q, v, input_precision=PRECISION)
+        tile = (p * row_weight[:, None]).to(q.dtype)
+        v = tl.dot(tl.trans(tile), q, v, input_precision=PRECISION)
+    col_ok = cols < num_keys
+    col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+    v = v * (col_scale * row_factor_max)[:, None]
     tl.store(
         v_ptr + cols[:, None] * dim + out_d[None, :],
         v,
-        mask=(cols < num_keys)[:, None] & out_d_ok[None, :],
+        mask=col_ok[:, None] & out_d_ok[None, :],
     )
 
 
@@ -359,15 +379,15 @@ def _check_dtype(query: torch.Tensor) -> None:
         raise TypeError("info_nce_loss on triton supports float32, float16 and bfloat16")
 
 
-@torch.library.custom_op("kd_kernels::info_nce_forward_triton", mutates_args=())
-def info_nce_forward_triton(
+def launch_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     labels: torch.Tensor,
     temperature: torch.Tensor,
     cosine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``kd_kernels::info_nce_forward`` (schema in csrc/ops.cpp)."""
+    """Per-query losses and log-sum-exps (both fp32 (N,)); the kernel launch of the forward op
+    (plain function: scripts/check_triton.py compiles it with stand-in tensors)."""
     _check_dtype(query)
     (num_rows, dim), num_keys = query.shape, key.shape[0]
     row_scale = _inverse_norms(query, cosine) / temperature
@@ -395,6 +415,63 @@ def info_nce_forward_triton(
     return loss, lse
 
 
+def launch_backward(
+    grad_loss: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i g_i loss_i with respect to query, key and temperature."""
+    _check_dtype(query)
+    (num_rows, dim), num_keys = query.shape, key.shape[0]
+    inv_q, inv_k = _inverse_norms(query, cosine), _inverse_norms(key, cosine)
+    row_scale = inv_q / temperature
+    # r_i = g_i a_i / t and the two maxima that bring the tile factors to O(1) (device
+    # scalars: no host sync); a zero maximum (no gradient) is kept away from 0 / 0.
+    row_factor = (grad_loss.to(torch.float32) * row_scale).contiguous()
+    row_factor_max = row_factor.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    col_scale_max = inv_k.amax().clamp_min(torch.finfo(torch.float32).tiny)
+    u = torch.empty(num_rows, dim, dtype=torch.float32, device=query.device)
+    v = torch.empty(num_keys, dim, dtype=torch.float32, device=query.device)
+    config = _launch_config(query, num_rows, num_keys, dim)
+    # 256 output columns per program: BERT-base's 768 costs three recomputations of the tiles.
+    block_do = max(16, min(256, triton.next_power_of_2(dim)))
+    args = (query, key, labels, row_scale, inv_k, lse, row_factor)
+    sizes = (num_rows, num_keys, dim, *query.stride(), *key.stride())
+    grid_q = (triton.cdiv(num_rows, config["BLOCK_N"]), triton.cdiv(dim, block_do))
+    _info_nce_grad_query_kernel[grid_q](
+        *args, col_scale_max, u, *sizes, **config, BLOCK_DO=block_do, num_warps=4
+    )
+    grid_k = (triton.cdiv(num_keys, config["BLOCK_M"]), triton.cdiv(dim, block_do))
+    _info_nce_grad_key_kernel[grid_k](
+        *args, row_factor_max, v, *sizes, **config, BLOCK_DO=block_do, num_warps=4
+    )
+    q, k = query.to(torch.float32), key.to(torch.float32)
+    q_dot_u, k_dot_v = (q * u).sum(1), (k * v).sum(1)
+    grad_temperature = -q_dot_u.sum() / temperature
+    if cosine:  # through x / max(|x|, eps): project out x where |x| > eps
+        q_live = (inv_q < 1 / NORMALIZE_EPS).to(torch.float32)
+        k_live = (inv_k < 1 / NORMALIZE_EPS).to(torch.float32)
+        u = u - q * (inv_q.square() * q_dot_u * q_live)[:, None]
+        v = v - k * (inv_k.square() * k_dot_v * k_live)[:, None]
+    return u.to(query.dtype), v.to(key.dtype), grad_temperature
+
+
+@torch.library.custom_op("kd_kernels::info_nce_forward_triton", mutates_args=())
+def info_nce_forward_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``kd_kernels::info_nce_forward`` (schema in csrc/ops.cpp)."""
+    return launch_forward(query, key, labels, temperature, cosine)
+
+
 @torch.library.custom_op("kd_kernels::info_nce_backward_triton", mutates_args=())
 def info_nce_backward_triton(
     grad_loss: torch.Tensor,
@@ -406,31 +483,7 @@ def info_nce_backward_triton(
     cosine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``kd_kernels::info_nce_backward``."""
-    _check_dtype(query)
-    (num_rows, dim), num_keys = query.shape, key.shape[0]
-    inv_q, inv_k = _inverse_norms(query, cosine), _inverse_norms(key, cosine)
-    row_scale = inv_q / temperature
-    grad = grad_loss.to(torch.float32).contiguous()
-    u = torch.empty(num_rows, dim, dtype=torch.float32, device=query.device)
-    v = torch.empty(num_keys, dim, dtype=torch.float32, device=query.device)
-    config = _launch_config(query, num_rows, num_keys, dim)
-    # 256 output columns per program: BERT-base's 768 costs three recomputations of the tiles.
-    block_do = max(16, min(256, triton.next_power_of_2(dim)))
-    args = (query, key, labels, row_scale, inv_k, lse, grad)
-    sizes = (num_rows, num_keys, dim, *query.stride(), *key.stride())
-    grid_q = (triton.cdiv(num_rows, config["BLOCK_N"]), triton.cdiv(dim, block_do))
-    _info_nce_grad_query_kernel[grid_q](*args, u, *sizes, **config, BLOCK_DO=block_do, num_warps=4)
-    grid_k = (triton.cdiv(num_keys, config["BLOCK_M"]), triton.cdiv(dim, block_do))
-    _info_nce_grad_key_kernel[grid_k](*args, v, *sizes, **config, BLOCK_DO=block_do, num_warps=4)
-    q, k = query.to(torch.float32), key.to(torch.float32)
-    q_dot_u, k_dot_v = (q * u).sum(1), (k * v).sum(1)
-    grad_temperature = -q_dot_u.sum() / temperature
-    if cosine:  # through x / max(|x|, eps): project out x where |x| > eps
-        q_live = (inv_q < 1 / NORMALIZE_EPS).to(torch.float32)
-        k_live = (inv_k < 1 / NORMALIZE_EPS).to(torch.float32)
-        u = u - q * (inv_q.square() * q_dot_u * q_live)[:, None]
-        v = v - k * (inv_k.square() * k_dot_v * k_live)[:, None]
-    return u.to(query.dtype), v.to(key.dtype), grad_temperature
+    return launch_backward(grad_loss, query, key, labels, temperature, lse, cosine)
 
 
 register_info_nce_ops(
