@@ -46,6 +46,7 @@ def kd_loss(
     scale_t2: bool = True,
     inplace_grad: bool = False,
     backend: str = "auto",
+    process_group: object | None = None,
 ) -> torch.Tensor:
     """Temperature-softmax knowledge-distillation loss, fused.
 
@@ -78,6 +79,12 @@ def kd_loss(
         inplace_grad: write the gradient over the student logits' storage instead of a new
             (N, C) buffer (the logits must not be used afterwards; backward runs once).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+        process_group: vocabulary-parallel KD (tensor-parallel heads): rank r of the group
+            holds the classes [r C/P, (r+1) C/P) of the student and teacher logits (C = P times
+            the last dim); labels are global ids; row statistics are all-reduced, never the
+            logits, and every rank returns the loss of all C classes (see
+            ``kd_kernels.vocab_parallel``; float32 torch math, ``backend`` and
+            ``inplace_grad`` are not used).
 
     Returns:
         float32 loss (float64 for float64 input): a scalar, or shape (...) for "none".
@@ -85,6 +92,26 @@ def kd_loss(
     Teacher logits of -inf are legal (0 log 0 = 0); a student -inf where the teacher has mass
     gives +inf. A counted row holding NaN or +inf gives a NaN loss (and NaN gradient row).
     """
+    if process_group is not None:
+        from kd_kernels import vocab_parallel
+
+        return vocab_parallel.kd_loss(
+            student_logits,
+            teacher_logits,
+            process_group=process_group,
+            teacher_topk=teacher_topk,
+            topk_remainder=topk_remainder,
+            temperature=temperature,
+            kind=kind,
+            reduction=reduction,
+            mask=mask,
+            labels=labels,
+            ignore_index=ignore_index,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            beta=beta,
+            scale_t2=scale_t2,
+        )
     check_float_tensor("student_logits", student_logits)
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have a class dimension, got a 0-d tensor")

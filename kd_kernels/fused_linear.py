@@ -28,6 +28,7 @@ from kd_kernels._checks import (
     check_teacher_topk,
 )
 from kd_kernels._chunked_kd import ChunkedKD, TeacherSource
+from kd_kernels.distributed import reject_dtensor
 from kd_kernels.functional import (
     check_kd_options,
     check_teacher_logits,
@@ -69,6 +70,7 @@ def fused_linear_kd_loss(
     scale_t2: bool = True,
     chunk_size: int | tuple[int, int | None] | None = None,
     backend: str = "auto",
+    process_group: object | None = None,
 ) -> torch.Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher, ...)`` without
     the (N, V) student logits.
@@ -91,6 +93,13 @@ def fused_linear_kd_loss(
         backend: the kd_loss kernel run on each full-vocabulary chunk: ``"auto"``, ``"cpu"``,
             ``"triton"`` or ``"cuda"``; ``"torch"`` is the unfused reference (materialises
             the logits).
+        process_group: tensor-parallel heads: rank r of the group holds rows
+            [r V/P, (r+1) V/P) of student_weight and student_bias (and of teacher_weight and
+            teacher_bias, or that slice of teacher_logits); student_hidden, labels and mask
+            are the same on every rank. Row statistics are all-reduced, never the logits;
+            every rank returns the loss over all V classes, its weight and bias slices get
+            their rows of the gradient, and student_hidden the full gradient (summed over
+            ranks in backward). See ``kd_kernels.vocab_parallel``; ``backend`` is not used.
 
     Returns:
         float32 loss (float64 for float64 input), scalar or (...) for "none". Gradients reach
@@ -101,8 +110,35 @@ def fused_linear_kd_loss(
     neither the loss nor any gradient: unlike the unfused composition, NaN there does not
     turn the weight gradient into NaN.
     """
+    if process_group is not None:
+        from kd_kernels import vocab_parallel
+
+        return vocab_parallel.fused_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_logits,
+            process_group=process_group,
+            student_bias=student_bias,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            teacher_topk=teacher_topk,
+            topk_remainder=topk_remainder,
+            temperature=temperature,
+            kind=kind,
+            reduction=reduction,
+            mask=mask,
+            labels=labels,
+            ignore_index=ignore_index,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            beta=beta,
+            scale_t2=scale_t2,
+            chunk_size=chunk_size,
+        )
     check_float_tensor("student_hidden", student_hidden)
     check_float_tensor("student_weight", student_weight)
+    reject_dtensor(student_weight=student_weight, teacher_weight=teacher_weight)
     if student_hidden.dim() == 0:
         raise ValueError("student_hidden must be (..., H), got a 0-d tensor")
     hidden_size = student_hidden.shape[-1]
