@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import run_ranks
 
 import kd_kernels as kdk
 from kd_kernels import reference, vocab_parallel
@@ -171,7 +171,7 @@ def _worker(rank, store_path, out_dir):
 def spawned(tmp_path_factory):
     """One spawn of 3 processes for both splits (starting a process costs seconds)."""
     out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(_worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=3)
+    run_ranks(_worker, 3, (str(out_dir / "store"), str(out_dir)), preload=("test_vocab_parallel",))
     by_rank = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(3)]
     return {
         size: sorted(
