@@ -6,14 +6,17 @@
     loss = FusedMultipleNegativesRankingLoss(model, mini_batch_size=64)
     trainer = SentenceTransformerTrainer(model=model, train_dataset=data, loss=loss)
 
-Needs ``pip install kd_kernels[st]`` (sentence-transformers and accelerate); this module is the
-only place that imports them.
+Needs ``pip install kd_kernels[st]`` (sentence-transformers and accelerate, for its trainer).
+The loss itself imports sentence-transformers only to embed columns as MNRL does, and only once
+the caller has imported it: any module mapping a features dict to ``{"sentence_embedding": (B, D)}``
+works as ``model``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,14 +27,6 @@ import kd_kernels as kdk
 from kd_kernels import distributed
 from kd_kernels.grad_cache import GradCache
 
-try:
-    from sentence_transformers import util as st_util
-except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "kd_kernels.integrations.sentence_transformers needs sentence-transformers: "
-        "pip install 'kd_kernels[st]'"
-    ) from error
-
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("query_to_doc", "doc_to_query")
@@ -41,11 +36,19 @@ PARTITION_MODES = ("joint", "per_direction")
 UNSUPPORTED_DIRECTIONS = ("query_to_query", "doc_to_doc")
 
 
-def _similarity_name(similarity_fct: Callable) -> str:
-    if similarity_fct is st_util.cos_sim:
+# sentence_transformers.util's functions by name -> info_nce_loss's similarity (recognised
+# without importing sentence-transformers).
+SIMILARITIES = {"cos_sim": "cosine", "dot_score": "dot"}
+
+
+def _similarity_name(similarity_fct: Callable | None) -> str:
+    """``None`` or ``util.cos_sim`` -> "cosine", ``util.dot_score`` -> "dot"."""
+    if similarity_fct is None:
         return "cosine"
-    if similarity_fct is st_util.dot_score:
-        return "dot"
+    module = getattr(similarity_fct, "__module__", None) or ""
+    name = getattr(similarity_fct, "__name__", None)
+    if module.startswith("sentence_transformers") and name in SIMILARITIES:
+        return SIMILARITIES[name]
     raise NotImplementedError(
         "similarity_fct must be sentence_transformers.util.cos_sim or util.dot_score, got "
         f"{getattr(similarity_fct, '__name__', similarity_fct)!r}"
@@ -55,6 +58,8 @@ def _similarity_name(similarity_fct: Callable) -> str:
 def _embed_columns(model: nn.Module, features: list[dict]) -> list[Tensor]:
     """Every column's ``sentence_embedding`` the way MNRL embeds them (its merged forward pass
     where this sentence-transformers has one), so dropout draws the same masks as MNRL's."""
+    if "sentence_transformers" not in sys.modules:  # then the model is not a SentenceTransformer
+        return [model(dict(f))["sentence_embedding"] for f in features]
     try:
         from sentence_transformers.base.losses.merged_forward import embed_columns
     except ImportError:  # sentence-transformers before the merged forward
@@ -154,7 +159,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
     Args:
         model: the SentenceTransformer (or the trainer's wrapper of it).
         scale: 1 / temperature: z = scale * sim.
-        similarity_fct: ``util.cos_sim`` or ``util.dot_score``.
+        similarity_fct: ``util.cos_sim`` (or None, the same) or ``util.dot_score``.
         mini_batch_size: None: one forward pass with gradient (MNRL). An int: GradCache; memory
             is then the (B (2 + n), D) embeddings and one mini-batch's activations.
         gather_across_devices: under torch.distributed, every rank's keys (and queries, for
@@ -177,7 +182,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         self,
         model: nn.Module,
         scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = st_util.cos_sim,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] | None = None,
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
         directions: tuple[str, ...] = ("query_to_doc",),
@@ -312,7 +317,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
     def get_config_dict(self) -> dict[str, Any]:
         return {
             "scale": self.scale,
-            "similarity_fct": st_util.similarity_fct_name(self.similarity_fct),
+            "similarity_fct": "dot_score" if self._similarity == "dot" else "cos_sim",
             "mini_batch_size": self.mini_batch_size,
             "gather_across_devices": self.gather_across_devices,
             "directions": self.directions,
