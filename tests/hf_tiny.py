@@ -43,3 +43,45 @@ def token_batch(seed: int, batch: int = 2, lengths: tuple[int, ...] | None = Non
 def counted_tokens(*batches: dict) -> int:
     """What the Trainer's num_items_in_batch counts for a causal LM: labels[:, 1:] != -100."""
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+class Examples(torch.utils.data.Dataset):
+    """The rows of a token batch as a dataset of dicts (the Trainer's default collator
+    stacks them back)."""
+
+    def __init__(self, batch: dict):
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["labels"]))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def examples(count: int = 8, seed: int = 7) -> Examples:
+    """``count`` sequences of 3 to 7 tokens (unequal counted tokens per batch)."""
+    lengths = tuple(3 + (3 * i) % 5 for i in range(count))
+    return Examples(token_batch(seed=seed, lengths=lengths))
+
+
+def training_args(output_dir, **overrides):
+    """TrainingArguments for short deterministic CPU runs (constant LR, a log line per step)."""
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)

@@ -7,7 +7,15 @@ import copy
 
 import pytest
 import torch
-from hf_tiny import VOCAB, counted_tokens, tiny_llama, token_batch
+from hf_tiny import (
+    VOCAB,
+    Examples,
+    counted_tokens,
+    examples,
+    tiny_llama,
+    token_batch,
+    training_args,
+)
 
 import kd_kernels as kdk
 
@@ -96,41 +104,6 @@ def test_fused_forward_without_labels_counts_real_token_pairs():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, batch):
-        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["labels"]))]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-
-def _dataset(count=8, seed=7):
-    lengths = tuple(3 + (5 * i) % 5 for i in range(count))  # 3..7 tokens: unequal counts
-    return _Examples(token_batch(seed=seed, lengths=lengths))
-
-
-def _args(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=4,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    return transformers.TrainingArguments(**settings)
-
-
 class UnfusedDistillationTrainer(transformers.Trainer):
     """The spec: both models' logits materialised, kd_loss on the torch backend, the summed
     loss divided by num_items_in_batch."""
@@ -159,7 +132,7 @@ class UnfusedDistillationTrainer(transformers.Trainer):
 
 def _train(trainer_class, tmp_path, student, teacher, dataset, kind="kl", **overrides):
     options = dict(kind=kind, **OPTIONS)
-    common = dict(args=_args(tmp_path, **overrides), train_dataset=dataset)
+    common = dict(args=training_args(tmp_path, **overrides), train_dataset=dataset)
     if trainer_class is DistillationTrainer:
         trainer = DistillationTrainer(model=student, teacher_model=teacher, **options, **common)
     else:
@@ -170,7 +143,7 @@ def _train(trainer_class, tmp_path, student, teacher, dataset, kind="kl", **over
 
 
 def test_trainer_losses_fall_and_equal_unfused_reference_step_by_step(tmp_path):
-    teacher, dataset = tiny_llama(24, seed=1), _dataset(count=4)
+    teacher, dataset = tiny_llama(24, seed=1), examples(count=4)
     steps = dict(max_steps=8, learning_rate=2e-2)
     fused_losses, fused_params = _train(
         DistillationTrainer, tmp_path, tiny_llama(16, seed=0), teacher, dataset, **steps
@@ -186,7 +159,7 @@ def test_trainer_losses_fall_and_equal_unfused_reference_step_by_step(tmp_path):
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
-    teacher, dataset = tiny_llama(24, seed=1), _dataset()
+    teacher, dataset = tiny_llama(24, seed=1), examples()
     accumulated, accumulated_params = _train(
         DistillationTrainer,
         tmp_path,
@@ -212,7 +185,7 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
 
 
 def test_bf16_autocast_follows_fp32(tmp_path):
-    teacher, dataset = tiny_llama(24, seed=1), _dataset(count=4)
+    teacher, dataset = tiny_llama(24, seed=1), examples(count=4)
     fp32, _ = _train(
         DistillationTrainer, tmp_path, tiny_llama(16, seed=0), teacher, dataset, max_steps=2
     )
@@ -253,8 +226,10 @@ def test_sequence_classification_uses_kd_loss(tmp_path):
         teacher_model=teacher,
         temperature=2.0,
         hard_weight=0.3,
-        args=_args(tmp_path, max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2),
-        train_dataset=_Examples(batch),
+        args=training_args(
+            tmp_path, max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2
+        ),
+        train_dataset=Examples(batch),
     )
     trainer.train()
     (loss,) = [e["loss"] for e in trainer.state.log_history if "loss" in e]

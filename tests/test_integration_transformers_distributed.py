@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hf_tiny import counted_tokens, tiny_llama, token_batch
+from hf_tiny import counted_tokens, examples, tiny_llama, token_batch, training_args
 from ranks import run_ranks
 
 import kd_kernels as kdk
@@ -19,6 +19,7 @@ from kd_kernels.integrations.transformers import causal_kd_rows, fuse_kd_forward
 WORLD = 2
 OPTIONS = dict(temperature=2.0, kind="kl", hard_weight=0.5)
 # (name, teacher form, whether the summed loss is divided by the step's num_items_in_batch)
+TRAINER_ARGS = dict(per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2)
 CASES = [("teacher-logits-num-items", "logits", True), ("teacher-head-batchmean", "head", False)]
 
 
@@ -72,9 +73,35 @@ def _worker(rank, store_path, out_dir):
         results["dtensor_error"] = ""
     except TypeError as error:
         results["dtensor_error"] = str(error)
+    results["trainer"] = _trainer_run(rank, out_dir)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _trainer_run(rank, out_dir):
+    """DistillationTrainer under DDP (accelerate's MULTI_CPU on the open gloo group):
+    2 ranks x 2 sequences per step; returns the final student parameters."""
+    from kd_kernels.integrations.transformers import DistillationTrainer
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+    )
+    student = tiny_llama(hidden=16, seed=0)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=_teacher(),
+        args=training_args(os.path.join(out_dir, f"trainer{rank}"), **TRAINER_ARGS),
+        train_dataset=examples(),
+        **OPTIONS,
+    )
+    trainer.train()
+    return {k: v.detach().numpy().copy() for k, v in student.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +157,25 @@ def test_fsdp2_gradients_equal_data_parallel(per_rank, name, form, use_num_items
         for key, want in truth.items():
             torch.testing.assert_close(
                 torch.from_numpy(got[name][key]), want, rtol=1e-4, atol=1e-6, msg=key
+            )
+
+
+def test_two_process_trainer_equals_one_process_big_batch(per_rank, tmp_path):
+    from kd_kernels.integrations.transformers import DistillationTrainer
+
+    student = tiny_llama(hidden=16, seed=0)
+    args = {**TRAINER_ARGS, "per_device_train_batch_size": 2 * WORLD}
+    DistillationTrainer(
+        model=student,
+        teacher_model=_teacher(),
+        args=training_args(tmp_path, **args),
+        train_dataset=examples(),
+        **OPTIONS,
+    ).train()
+    for got in per_rank:
+        for key, want in student.named_parameters():
+            torch.testing.assert_close(
+                torch.from_numpy(got["trainer"][key]), want.detach(), rtol=1e-4, atol=1e-6
             )
 
 
