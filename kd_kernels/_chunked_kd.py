@@ -135,35 +135,45 @@ class ChunkedKD:
             teacher = self.teacher.chunk(rows, columns.start, columns.stop).to(acc_dtype)
             return student, teacher
 
-        # Pass 1: the normalisers log sum exp(z / t) of the student and of every teacher.
+        # Pass 1: the normalisers log sum exp(z / t) of the student and of every teacher, and
+        # per teacher gap = sum_c p_S expm1(d_c), d = (teacher - student) / t, rescaled with the
+        # student's running normaliser, for delta = lse_T - lse_S in log-ratio form.
         size = chunk_hidden.shape[0]
         student_lse = chunk_hidden.new_full((size,), -math.inf, dtype=acc_dtype)
-        teacher_lse = None
+        teacher_lse = gap = None
         student_lse_t1 = student_lse.clone()  # at t = 1, for the hard cross-entropy
         for columns in slices:
             student, teacher = logits_of(columns)
-            student_lse = torch.logaddexp(student_lse, torch.logsumexp(student / t, dim=-1))
+            new_lse = torch.logaddexp(student_lse, torch.logsumexp(student / t, dim=-1))
+            shift = torch.where(new_lse == -math.inf, 0, new_lse)
+            chunk_gap = reference.gap_terms(
+                (teacher - student) / t, student / t - shift[:, None], teacher / t - shift[:, None]
+            ).sum(dim=-1)
             chunk_teacher_lse = torch.logsumexp(teacher / t, dim=-1)
-            teacher_lse = (
-                chunk_teacher_lse
-                if teacher_lse is None
-                else torch.logaddexp(teacher_lse, chunk_teacher_lse)
-            )
+            if teacher_lse is None:
+                teacher_lse, gap = chunk_teacher_lse, chunk_gap
+            else:
+                teacher_lse = torch.logaddexp(teacher_lse, chunk_teacher_lse)
+                gap = gap * torch.exp(student_lse - shift) + chunk_gap
+            student_lse = new_lse
             if hard:
                 student_lse_t1 = torch.logaddexp(student_lse_t1, torch.logsumexp(student, dim=-1))
+        delta = reference.delta_from_gaps(gap, teacher_lse - student_lse)[..., None]
 
         def slice_terms(columns):
-            """Soft terms of the slice and their partials g = d terms / d log p_S."""
+            """Soft terms of the slice and their gradient weights w (see
+            reference.kd_class_gradient_weights)."""
             student, teacher = logits_of(columns)
-            log_p_s = (student / t - student_lse[:, None]).requires_grad_()
+            log_p_s = student / t - student_lse[:, None]
             log_p_t = reference.mix_teachers(teacher / t - teacher_lse[..., None])
-            with torch.enable_grad():
-                terms = reference.kd_class_terms(log_p_s, log_p_t, kind=kind, beta=o["beta"])
-                (partial,) = torch.autograd.grad(terms.sum(), log_p_s)
-            return student, log_p_s.detach(), terms.detach(), partial
+            u, near = reference.log_ratio_from_delta((teacher - student) / t, delta, vocab_size)
+            log_ratio = dict(kind=kind, beta=o["beta"], u=u, near=near)
+            terms = reference.kd_class_terms(log_p_s, log_p_t, **log_ratio)
+            weights = reference.kd_class_gradient_weights(log_p_s, log_p_t, **log_ratio)
+            return student, log_p_s, terms, weights
 
-        def add_gradient(columns, student, log_p_s, partial, partial_sum):
-            grad = (soft_scale / t) * (partial - log_p_s.exp() * partial_sum)
+        def add_gradient(columns, student, log_p_s, weights, weight_sum):
+            grad = (soft_scale / t) * (weights - log_p_s.exp() * weight_sum)
             self._add_slice_grad(
                 rows,
                 columns,
@@ -176,25 +186,25 @@ class ChunkedKD:
                 row_weights,
             )
 
-        # Pass 2: the loss. d loss / d s_c = (w / t) (g_c - p_S,c sum_j g_j): for kl and
-        # soft_ce, g = -p_T sums to -1 and the gradient is ready; otherwise pass 3 takes it.
+        # Pass 2: the loss. d loss / d s_c = (w / t) (w_c - p_S,c sum_j w_j): for kl and
+        # soft_ce sum_j w_j = 0 and the gradient is ready; otherwise pass 3 takes it.
         soft_rows = torch.zeros(size, dtype=acc_dtype, device=chunk_hidden.device)
         hard_rows = student_lse_t1.clone() if hard else None
-        partial_sum = torch.zeros_like(soft_rows)
+        weight_sum = torch.zeros_like(soft_rows)
         gradient_now = kind in ("kl", "soft_ce")
         for columns in slices:
-            student, log_p_s, terms, partial = slice_terms(columns)
+            student, log_p_s, terms, weights = slice_terms(columns)
             soft_rows += terms.sum(dim=-1)
             if hard:
                 hard_rows -= self._label_logits(rows, columns, student)
             if gradient_now and grads.any:
-                add_gradient(columns, student, log_p_s, partial, -1.0)
+                add_gradient(columns, student, log_p_s, weights, 0.0)
             elif grads.any:
-                partial_sum += partial.sum(dim=-1)
+                weight_sum += weights.sum(dim=-1)
         if grads.any and not gradient_now:
             for columns in slices:  # pass 3
-                student, log_p_s, _, partial = slice_terms(columns)
-                add_gradient(columns, student, log_p_s, partial, partial_sum[:, None])
+                student, log_p_s, _, weights = slice_terms(columns)
+                add_gradient(columns, student, log_p_s, weights, weight_sum[:, None])
         row_loss = soft_scale * soft_rows
         if hard:
             row_loss = row_loss + o["hard_weight"] * hard_rows

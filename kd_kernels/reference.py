@@ -33,6 +33,118 @@ def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> t
     return torch.where(nonzero, p * (safe_log_p - safe_log_q), torch.zeros_like(p))
 
 
+# Per class, |u| = |log p_T - log p_S| up to which the log-ratio forms are used. Beyond it the
+# terms are O(1) and the log-probability forms lose nothing; they also take the infinite cases
+# (a -inf logit on one side only). Both compute the same quantity per class.
+LOG_RATIO_LIMIT = 1.0
+# |u| below which phi and psi are taken from their Taylor series (the closed forms cancel).
+SERIES_LIMIT = 0.1
+
+
+def phi(u: torch.Tensor) -> torch.Tensor:
+    """u e^u - expm1(u) = sum_n>=2 (n - 1) u^n / n!, >= 0: the KL term of a class over p_S.
+
+    The series is used for |u| < SERIES_LIMIT (error < 1e-8 relative), the closed form above.
+    """
+    where_small = u.abs() < SERIES_LIMIT
+    small = torch.where(where_small, u, torch.zeros_like(u))
+    big = torch.where(where_small, torch.ones_like(u), u)
+    series = (
+        small
+        * small
+        * (
+            1 / 2
+            + small * (1 / 3 + small * (1 / 8 + small * (1 / 30 + small * (1 / 144 + small / 840))))
+        )
+    )
+    em = torch.expm1(big)
+    return torch.where(where_small, series, big * em + big - em)
+
+
+def psi(u: torch.Tensor) -> torch.Tensor:
+    """expm1(u) - u = sum_n>=2 u^n / n!, >= 0: the reverse-KL term of a class over p_S."""
+    where_small = u.abs() < SERIES_LIMIT
+    small = torch.where(where_small, u, torch.zeros_like(u))
+    big = torch.where(where_small, torch.ones_like(u), u)
+    series = (
+        small
+        * small
+        * (
+            1 / 2
+            + small
+            * (1 / 6 + small * (1 / 24 + small * (1 / 120 + small * (1 / 720 + small / 5040))))
+        )
+    )
+    return torch.where(where_small, series, torch.expm1(big) - big)
+
+
+def gap_terms(d: torch.Tensor, log_p_s: torch.Tensor, b_over_a: torch.Tensor) -> torch.Tensor:
+    """Per class p_S expm1(d) = e^(b - lse(a)) - p_S; summed over classes, e^delta - 1.
+
+    d = b - a (see ``log_ratio``), log_p_s = a - lse(a), b_over_a = b - lse(a). The product
+    where d <= 1, where the difference would cancel; the difference elsewhere, where it does
+    not and where the product would be 0 * inf (a -inf student logit).
+    """
+    p_s = log_p_s.exp()
+    rising = d <= 1  # False for NaN (-inf on both sides): that class has no mass
+    return torch.where(
+        rising,
+        p_s * torch.expm1(torch.where(rising, d, torch.zeros_like(d))),
+        torch.exp(b_over_a) - p_s,
+    )
+
+
+def delta_from_gaps(gap_sum: torch.Tensor, lse_gap: torch.Tensor) -> torch.Tensor:
+    """delta = lse(b) - lse(a) as log1p(gap_sum) where |lse_gap| <= 1 and the sum is usable,
+    else the plain difference ``lse_gap`` (the two are far apart: nothing cancels)."""
+    usable = (lse_gap.abs() <= 1) & (gap_sum > -1) & gap_sum.isfinite()
+    return torch.where(
+        usable, torch.log1p(torch.where(usable, gap_sum, torch.zeros_like(gap_sum))), lse_gap
+    )
+
+
+def log_ratio_from_delta(
+    d: torch.Tensor, delta: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = log p_T - log p_S from d (K, ..., C) and delta (K, ..., 1): u_k = d_k - delta_k;
+    K teachers: u = log1p(mean_k expm1(u_k)). Returns u, 0 where not used, and ``near``: every
+    |u_k| <= LOG_RATIO_LIMIT. One class: p_S = p_T = 1, u = 0 exactly."""
+    u_k = d - delta
+    near = (u_k.abs() <= LOG_RATIO_LIMIT).all(dim=0)
+    u_k = torch.where(near, u_k, torch.zeros_like(u_k))
+    u = u_k[0] if u_k.shape[0] == 1 else torch.log1p(torch.expm1(u_k).mean(dim=0))
+    if num_classes == 1:
+        u = torch.zeros_like(u)
+    return u, near
+
+
+def log_ratio(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    log_p_s: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    lse_gap: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = log p_T - log p_S per class without cancellation, and where it is used (|u| <= 1).
+
+    With a = student / t, b = teacher / t: d = b - a is formed as (teacher - student) / t (the
+    logits subtracted first, exact when they are close), delta = lse(b) - lse(a) =
+    log1p(sum p_S expm1(d)) (see ``gap_terms``, ``delta_from_gaps``), u_k = d_k - delta_k.
+    K teachers: u = log1p(mean_k expm1(u_k)), taken where every |u_k| <= 1.
+
+    Shapes: student (R, C), teacher and teacher_log_probs (K, R, C), log_p_s (R, C), lse_gap
+    (K, R, 1) = lse(b) - lse(a). Returns u (R, C), 0 where not used, and the bool mask ``near``.
+    """
+    d = (teacher - student) / temperature
+    # b - lse(a) <= delta: clamped at 2 (a class beyond it makes delta > 1, where the sum is
+    # not used), so that no inf enters the backward of exp.
+    b_over_a = (teacher_log_probs + lse_gap).clamp(max=2.0)
+    gaps = gap_terms(d, log_p_s, b_over_a).sum(dim=-1, keepdim=True)
+    delta = delta_from_gaps(gaps, lse_gap)
+    return log_ratio_from_delta(d, delta, student.shape[-1])
+
+
 def kd_row_losses(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -57,12 +169,19 @@ def kd_row_losses(
         - ``jsd``: beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S
 
         each multiplied by t^2 when ``scale_t2``. Terms with a zero probability factor are 0.
+        Computed in log-ratios (see ``log_ratio`` and ``kd_class_terms``), so that the loss
+        keeps its digits when student and teacher are close, and is exactly 0 when they agree.
     """
     dtype = _compute_dtype(student)
-    log_p_s = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
-    teacher_log_probs = torch.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    student = student.to(dtype)
+    teacher = teacher.detach().to(dtype)
+    a, b = student / temperature, teacher / temperature
+    lse_a = torch.logsumexp(a, dim=-1, keepdim=True)
+    lse_b = torch.logsumexp(b, dim=-1, keepdim=True)
+    log_p_s, teacher_log_probs = a - lse_a, b - lse_b
     log_p_t = mix_teachers(teacher_log_probs)
-    per_class = kd_class_terms(log_p_s, log_p_t, kind=kind, beta=beta)
+    u, near = log_ratio(student, teacher, temperature, log_p_s, teacher_log_probs, lse_b - lse_a)
+    per_class = kd_class_terms(log_p_s, log_p_t, kind=kind, beta=beta, u=u, near=near)
     rows = per_class.sum(dim=-1)
     return rows * (temperature * temperature) if scale_t2 else rows
 
@@ -79,29 +198,87 @@ def mix_teachers(teacher_log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def kd_class_terms(
-    log_p_s: torch.Tensor, log_p_t: torch.Tensor, *, kind: str, beta: float
+    log_p_s: torch.Tensor,
+    log_p_t: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    u: torch.Tensor | None = None,
+    near: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-class terms of the soft loss from normalised log-probabilities (same shapes).
+    """Per-class terms of the soft loss (same shapes); summed over classes they give the row
+    loss of ``kd_row_losses`` (before the t^2 scale). Differentiable in ``log_p_s`` and ``u``.
 
-    Summed over classes they give the row loss of ``kd_row_losses`` (before the t^2 scale).
-    Differentiable in ``log_p_s``; terms with a zero probability factor are 0.
+    Where ``near`` (u = log p_T - log p_S from ``log_ratio``, |u| <= 1), the log-ratio forms,
+    every term >= 0 and exactly 0 at u = 0 (L = log1p(beta expm1(u)) = log(m / p_S)):
+
+    - kl: p_S phi(u), phi(u) = u e^u - expm1(u); soft_ce: that plus -p_T log p_T
+    - reverse_kl: p_S psi(u), psi(u) = expm1(u) - u
+    - jsd: p_S e^L (beta phi(u - L) + (1 - beta) phi(-L))
+
+    elsewhere the log-probability forms plus a zero-sum correction that makes them equal per
+    class (kl: p_T log(p_T / p_S) - p_T + p_S). Terms with a zero probability factor are 0.
     """
     p_s, p_t = log_p_s.exp(), log_p_t.exp()
-    if kind == "kl":
-        return _plogp_ratio(p_t, log_p_t, log_p_s)
-    if kind == "soft_ce":
-        return torch.where(p_t != 0, -p_t * log_p_s, torch.zeros_like(p_t))
+    if near is None:
+        near = torch.zeros_like(p_s, dtype=torch.bool)
+        u = torch.zeros_like(p_s)
+    if kind in ("kl", "soft_ce"):
+        terms = torch.where(near, p_s * phi(u), _plogp_ratio(p_t, log_p_t, log_p_s) - p_t + p_s)
+        if kind == "soft_ce":
+            terms = terms - _plogp_ratio(p_t, log_p_t, torch.zeros_like(log_p_t))
+        return terms
     if kind == "reverse_kl":
-        return _plogp_ratio(p_s, log_p_s, log_p_t)
+        return torch.where(near, p_s * psi(u), _plogp_ratio(p_s, log_p_s, log_p_t) + p_t - p_s)
     if kind == "jsd":
+        mixture_over_s = 1 + beta * torch.expm1(u)  # e^L = m / p_S
+        log_mixture_over_s = torch.log(mixture_over_s)
+        near_terms = (
+            p_s
+            * mixture_over_s
+            * (beta * phi(u - log_mixture_over_s) + (1.0 - beta) * phi(-log_mixture_over_s))
+        )
         mixture = beta * p_t + (1.0 - beta) * p_s
         # m == 0 only where both p are 0, and there every term is 0: log(1) keeps it finite.
         log_m = torch.log(torch.where(mixture != 0, mixture, torch.ones_like(mixture)))
         # Weights inside the guard, so beta = 0 or 1 gives 0 (not 0 * inf) where p underflows.
-        return _plogp_ratio(beta * p_t, log_p_t, log_m) + _plogp_ratio(
+        far_terms = _plogp_ratio(beta * p_t, log_p_t, log_m) + _plogp_ratio(
             (1.0 - beta) * p_s, log_p_s, log_m
         )
+        return torch.where(near, near_terms, far_terms)
     raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+
+
+def kd_class_gradient_weights(
+    log_p_s: torch.Tensor,
+    log_p_t: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    u: torch.Tensor,
+    near: torch.Tensor,
+) -> torch.Tensor:
+    """Per class w such that d (row loss) / d a_c = w_c - p_S,c sum_j w_j, a = student / t.
+
+    kl, soft_ce: w = p_S - p_T (-p_S expm1(u) where ``near``) and sum_j w_j = 0: the gradient
+    is w itself. reverse_kl: w = p_S h with h = -u (near) or log p_S - log p_T; jsd: h =
+    -(1 - beta) log(m / p_S), log1p(beta expm1(u)) near. 0 where p_S = 0. What the chunked
+    paths use, one vocabulary slice at a time (a second walk for sum_j w_j).
+    """
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    zero = torch.zeros_like(p_s)
+    if kind in ("kl", "soft_ce"):
+        return torch.where(near, -p_s * torch.expm1(u), p_s - p_t)
+    if kind == "reverse_kl":
+        h = torch.where(near, -u, log_p_s - log_p_t)
+    elif kind == "jsd":
+        weighted = (1.0 - beta) * p_s
+        log_m = torch.log(beta * p_t + weighted)
+        far_h = torch.where(weighted > 0, (1.0 - beta) * (log_p_s - log_m), zero)
+        h = torch.where(near, -(1.0 - beta) * torch.log1p(beta * torch.expm1(u)), far_h)
+    else:
+        raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+    return torch.where(p_s > 0, p_s * h, zero)
 
 
 def kd_loss(

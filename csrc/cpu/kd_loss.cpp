@@ -40,6 +40,60 @@ Vec<acc_t> p_log_ratio(const Vec<acc_t>& p, const Vec<acc_t>& log_p, const Vec<a
   return Vec<acc_t>::blendv(zero, p * (log_p - log_q), p > zero);
 }
 
+// x e^x - expm1(x) (>= 0) given em = expm1(x): the KL term of a class over p_S. Its Taylor
+// series below |x| = 0.1, where the closed form cancels (kd_kernels.reference.phi).
+template <typename acc_t>
+Vec<acc_t> phi(const Vec<acc_t>& x, const Vec<acc_t>& em) {
+  const Vec<acc_t> series =
+      x * x *
+      (Vec<acc_t>(acc_t(1) / 2) +
+       x * (Vec<acc_t>(acc_t(1) / 3) +
+            x * (Vec<acc_t>(acc_t(1) / 8) +
+                 x * (Vec<acc_t>(acc_t(1) / 30) +
+                      x * (Vec<acc_t>(acc_t(1) / 144) + x * Vec<acc_t>(acc_t(1) / 840))))));
+  return Vec<acc_t>::blendv(x * em + x - em, series, x.abs() < Vec<acc_t>(acc_t(0.1)));
+}
+
+// expm1(x) - x (>= 0) given em = expm1(x): the reverse-KL term of a class over p_S.
+template <typename acc_t>
+Vec<acc_t> psi(const Vec<acc_t>& x, const Vec<acc_t>& em) {
+  const Vec<acc_t> series =
+      x * x *
+      (Vec<acc_t>(acc_t(1) / 2) +
+       x * (Vec<acc_t>(acc_t(1) / 6) +
+            x * (Vec<acc_t>(acc_t(1) / 24) +
+                 x * (Vec<acc_t>(acc_t(1) / 120) +
+                      x * (Vec<acc_t>(acc_t(1) / 720) + x * Vec<acc_t>(acc_t(1) / 5040))))));
+  return Vec<acc_t>::blendv(em - x, series, x.abs() < Vec<acc_t>(acc_t(0.1)));
+}
+
+// JSD of a vector of classes: the loss term and h = d term / d log p_S (before the row sum).
+// Near (|u| <= 1), with E = expm1(u) and e^L = m / p_S = 1 + beta E:
+// p_S e^L (beta phi(u - L) + (1 - beta) phi(-L)) and h = -(1 - beta) L; elsewhere the
+// log-probability forms, guarded so that 0 log 0 = 0 (beta = 0 or 1 included).
+template <typename acc_t>
+void jsd_terms(const Vec<acc_t>& p_s, const Vec<acc_t>& log_p_s, const Vec<acc_t>& p_t,
+               const Vec<acc_t>& log_p_t, const Vec<acc_t>& u, const Vec<acc_t>& em,
+               const Vec<acc_t>& near, acc_t beta, Vec<acc_t>& term, Vec<acc_t>& h) {
+  const Vec<acc_t> zero(0), beta_v(beta), one_minus_beta_v(acc_t(1) - beta);
+  const Vec<acc_t> beta_em = beta_v * em;
+  const Vec<acc_t> mixed = Vec<acc_t>(1) + beta_em;
+  const Vec<acc_t> log_mixed = beta_em.log1p();
+  const Vec<acc_t> near_term =
+      p_s * mixed *
+      (beta_v * phi(u - log_mixed, one_minus_beta_v * em / mixed) +
+       one_minus_beta_v * phi(zero - log_mixed, zero - beta_em / mixed));
+  const Vec<acc_t> weighted = one_minus_beta_v * p_s;
+  const Vec<acc_t> log_m = (beta_v * p_t + weighted).log();
+  // Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
+  const Vec<acc_t> far_term =
+      p_log_ratio(beta_v * p_t, log_p_t, log_m) + p_log_ratio(weighted, log_p_s, log_m);
+  const Vec<acc_t> far_h =
+      Vec<acc_t>::blendv(zero, one_minus_beta_v * (log_p_s - log_m), weighted > zero);
+  term = Vec<acc_t>::blendv(far_term, near_term, near);
+  h = Vec<acc_t>::blendv(far_h, zero - one_minus_beta_v * log_mixed, near);
+}
+
 template <typename scalar_t>
 void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
                   const bool* mask, const KDLossOptions& opt, at::Tensor& row_loss,
@@ -74,6 +128,7 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
     // the t = 1 softmax of the hard CE). The gradient is written over exp_s.
     std::vector<acc_t> s(padded), t(padded * teachers), exp_s(padded), exp_t(padded * teachers);
     std::vector<acc_t> exp_hard(hard ? padded : 0), teacher_lse(teachers), teacher_inv_sum(teachers);
+    std::vector<acc_t> teacher_max(teachers), teacher_delta(teachers);
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* grad_row = grad_data ? grad_data + row * classes : nullptr;
       const bool counted = (!mask || mask[row]) && (!labels || labels[row] != opt.ignore_index);
@@ -101,6 +156,7 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         if (bad) break;
         const acc_t sum = row_exp_sum(t_row, padded, inv_t, t_max, exp_t.data() + k * padded);
         teacher_lse[k] = t_max * inv_t + std::log(sum);
+        teacher_max[k] = t_max;
         teacher_inv_sum[k] = inv_teachers / sum;
       }
       if (bad) {
@@ -114,8 +170,31 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       if (hard) hard_lse = s_max + std::log(row_exp_sum(s.data(), padded, acc_t(1), s_max,
                                                         exp_hard.data()));
 
+      // delta_k = lse_k - lse_S as log1p(sum_c p_S expm1(d_c)), d = (t - s) / T, so that it
+      // keeps its digits when student and teacher are close: e^a expm1(d) is e^b - e^a where
+      // |d| >= 1/2 (no cancellation there, no overflow), and the plain difference of the
+      // log-sum-exps is used where |delta| > 1 or the sum overflowed.
+      const Vec<acc_t> inv_t_v(inv_t), zero(0), half(acc_t(0.5));
+      for (int64_t k = 0; k < teachers; ++k) {
+        const acc_t* t_row = t.data() + k * padded;
+        const acc_t* exp_t_row = exp_t.data() + k * padded;
+        const Vec<acc_t> rescale_v(std::exp((teacher_max[k] - s_max) * inv_t));
+        Vec<acc_t> gap_v(0);
+        for (int64_t c = 0; c < padded; c += kWidth) {
+          const Vec<acc_t> e_s = Vec<acc_t>::loadu(exp_s.data() + c);
+          const Vec<acc_t> d = (Vec<acc_t>::loadu(t_row + c) - Vec<acc_t>::loadu(s.data() + c)) * inv_t_v;
+          const Vec<acc_t> close = d.abs() < half;
+          const Vec<acc_t> far = Vec<acc_t>::loadu(exp_t_row + c) * rescale_v - e_s;
+          gap_v += Vec<acc_t>::blendv(far, e_s * Vec<acc_t>::blendv(zero, d, close).expm1(), close);
+        }
+        const acc_t ratio = horizontal_sum(gap_v) / student_sum;
+        const acc_t lse_gap = teacher_lse[k] - student_lse;
+        const bool use_ratio = std::abs(lse_gap) <= acc_t(1) && ratio > acc_t(-1) && std::isfinite(ratio);
+        teacher_delta[k] = use_ratio ? std::log1p(ratio) : lse_gap;
+      }
+
       // p_S, p_T, log p_S, log p_T of one vector of classes, from the stored numerators.
-      const Vec<acc_t> inv_t_v(inv_t), student_lse_v(student_lse);
+      const Vec<acc_t> student_lse_v(student_lse);
       const Vec<acc_t> student_inv_sum_v(acc_t(1) / student_sum);
       auto probs = [&](int64_t c, Vec<acc_t>& p_s, Vec<acc_t>& p_t, Vec<acc_t>& log_p_s,
                        Vec<acc_t>& log_p_t) {
@@ -134,22 +213,48 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         }
         log_p_t = p_t.log();
       };
+      // u = log p_T - log p_S = d - delta in log-ratio form, E = expm1(u), and where they are
+      // used (near: every |u_k| <= 1; u = E = 0 elsewhere). K teachers:
+      // u = log1p(mean_k expm1(u_k)). One class: p_S = p_T = 1, u = 0 exactly.
+      const Vec<acc_t> limit(1), inv_teachers_v(inv_teachers);
+      const bool one_class = classes == 1;
+      auto log_ratios = [&](int64_t c, Vec<acc_t>& u, Vec<acc_t>& em, Vec<acc_t>& near) {
+        const Vec<acc_t> s_v = Vec<acc_t>::loadu(s.data() + c);
+        if (teachers == 1) {
+          u = (Vec<acc_t>::loadu(t.data() + c) - s_v) * inv_t_v - Vec<acc_t>(teacher_delta[0]);
+          near = u.abs() <= limit;
+          u = one_class ? zero : Vec<acc_t>::blendv(zero, u, near);
+          em = u.expm1();
+          return;
+        }
+        Vec<acc_t> mixed(0);
+        near = limit == limit;  // all lanes set
+        for (int64_t k = 0; k < teachers; ++k) {
+          const Vec<acc_t> u_k = (Vec<acc_t>::loadu(t.data() + k * padded + c) - s_v) * inv_t_v -
+                                 Vec<acc_t>(teacher_delta[k]);
+          const Vec<acc_t> ok = u_k.abs() <= limit;
+          near = near & ok;
+          mixed += Vec<acc_t>::blendv(zero, u_k, ok).expm1();
+        }
+        em = one_class ? zero : Vec<acc_t>::blendv(zero, mixed * inv_teachers_v, near);
+        u = em.log1p();
+      };
 
-      const Vec<acc_t> zero(0), beta_v(beta), one_minus_beta_v(acc_t(1) - beta);
-      Vec<acc_t> p_s, p_t, log_p_s, log_p_t;
-      // Reverse KL and JSD: their gradient needs a row sum first (R, H in kd_loss.h's terms).
+      Vec<acc_t> p_s, p_t, log_p_s, log_p_t, u, em, near;
+      // Reverse KL and JSD: their loss, and the row sum R = sum p_S h their gradient needs.
       Vec<acc_t> soft_v(0), row_sum_v(0);
       if (opt.kind == KDKind::ReverseKL || opt.kind == KDKind::JSD) {
         for (int64_t c = 0; c < padded; c += kWidth) {
           probs(c, p_s, p_t, log_p_s, log_p_t);
+          log_ratios(c, u, em, near);
           if (opt.kind == KDKind::ReverseKL) {
-            soft_v += p_log_ratio(p_s, log_p_s, log_p_t);
+            const Vec<acc_t> far = p_log_ratio(p_s, log_p_s, log_p_t) + p_t - p_s;
+            soft_v += Vec<acc_t>::blendv(far, p_s * psi(u, em), near);
           } else {
-            const Vec<acc_t> log_m = (beta_v * p_t + one_minus_beta_v * p_s).log();
-            // Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
-            const Vec<acc_t> student_side = p_log_ratio(one_minus_beta_v * p_s, log_p_s, log_m);
-            soft_v += p_log_ratio(beta_v * p_t, log_p_t, log_m) + student_side;
-            row_sum_v += student_side;
+            Vec<acc_t> term, h;
+            jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta, term, h);
+            soft_v += term;
+            row_sum_v += Vec<acc_t>::blendv(zero, p_s * h, p_s > zero);
           }
         }
         row_sum_v = opt.kind == KDKind::ReverseKL ? soft_v : row_sum_v;
@@ -166,20 +271,21 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       const Vec<acc_t> hard_weight_v(hard_weight), hard_inv_sum_v(std::exp(-hard_lse + s_max));
       for (int64_t c = 0; c < padded; c += kWidth) {
         probs(c, p_s, p_t, log_p_s, log_p_t);
+        log_ratios(c, u, em, near);
         Vec<acc_t> g;
-        if (opt.kind == KDKind::KL) {
-          soft_v += p_log_ratio(p_t, log_p_t, log_p_s);
-          g = p_s - p_t;
-        } else if (opt.kind == KDKind::SoftCE) {
-          soft_v += Vec<acc_t>::blendv(zero, zero - p_t * log_p_s, p_t > zero);
-          g = p_s - p_t;
+        if (opt.kind == KDKind::KL || opt.kind == KDKind::SoftCE) {
+          const Vec<acc_t> far = p_log_ratio(p_t, log_p_t, log_p_s) - p_t + p_s;
+          soft_v += Vec<acc_t>::blendv(far, p_s * phi(u, em), near);
+          if (opt.kind == KDKind::SoftCE) soft_v = soft_v - p_log_ratio(p_t, log_p_t, zero);
+          // p_S - p_T, as -p_S expm1(u) where that keeps its digits.
+          g = Vec<acc_t>::blendv(p_s - p_t, zero - p_s * em, near);
         } else {
-          Vec<acc_t> h = log_p_s - log_p_t;
+          Vec<acc_t> h;
           if (opt.kind == KDKind::JSD) {
-            // (1 - beta) p_S > 0 implies m > 0: outside it h is 0 (beta = 1), not 0 * inf.
-            const Vec<acc_t> weighted = one_minus_beta_v * p_s;
-            const Vec<acc_t> log_m = (beta_v * p_t + weighted).log();
-            h = Vec<acc_t>::blendv(zero, one_minus_beta_v * (log_p_s - log_m), weighted > zero);
+            Vec<acc_t> term;
+            jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta, term, h);
+          } else {
+            h = Vec<acc_t>::blendv(log_p_s - log_p_t, zero - u, near);
           }
           g = Vec<acc_t>::blendv(zero, p_s * (h - row_sum_vec), p_s > zero);
         }

@@ -27,6 +27,13 @@ TILE_ELEMENTS = 4096
 
 
 @triton.jit
+def _any_bad(x):
+    """Per row: does the chunk hold a NaN or +inf (a row with no distribution)?"""
+    bad = (x != x) | (x == float("inf"))
+    return tl.max(bad.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
 def _online_softmax_update(running_max, running_sum, z):
     """Folds a (BLOCK_N, BLOCK_C) chunk of logits z into per-row (max, sum exp(z - max))."""
     new_max = tl.maximum(running_max, tl.max(z, axis=1))
@@ -39,10 +46,44 @@ def _online_softmax_update(running_max, running_sum, z):
 
 
 @triton.jit
-def _any_bad(x):
-    """Per row: does the chunk hold a NaN or +inf (a row with no distribution)?"""
-    bad = (x != x) | (x == float("inf"))
-    return tl.max(bad.to(tl.int32), axis=1) > 0
+def _expm1(x):
+    """exp(x) - 1 to ~1e-8 relative: nested Taylor series below |x| = 0.5 (Triton has no
+    expm1 that both the compiler and the interpreter take), exp(x) - 1 beyond."""
+    small = tl.abs(x) < 0.5
+    s = tl.where(small, x, 0.0)
+    series = 1.0 + s * 0.125  # x (1 + x/2 (1 + x/3 (... (1 + x/8)))): degree 8, nested
+    for inverse in tl.static_range(7, 1, -1):
+        series = 1.0 + s * (1.0 / inverse) * series
+    series = s * series
+    return tl.where(small, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to ~1e-9 relative: 2 atanh(x / (2 + x)) as a series below |x| = 0.25."""
+    small = tl.abs(x) < 0.25
+    z = tl.where(small, x, 0.0)
+    z = z / (2.0 + z)
+    z2 = z * z
+    series = 2.0 * z * (1.0 + z2 * (1.0 / 3 + z2 * (0.2 + z2 * (1.0 / 7 + z2 * (1.0 / 9)))))
+    return tl.where(small, series, tl.log(1.0 + x))
+
+
+@triton.jit
+def _phi(x, em):
+    """x e^x - expm1(x) (>= 0) given em = expm1(x): its Taylor series below |x| = 0.1, where
+    the closed form cancels (see kd_kernels.reference.phi)."""
+    series = x * x * (0.5 + x * (1.0 / 3 + x * (0.125 + x * (1.0 / 30 + x * (
+        1.0 / 144 + x * (1.0 / 840))))))  # fmt: skip
+    return tl.where(tl.abs(x) < 0.1, series, x * em + x - em)
+
+
+@triton.jit
+def _psi(x, em):
+    """expm1(x) - x (>= 0) given em = expm1(x), by its series below |x| = 0.1."""
+    series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
+        1.0 / 720 + x * (1.0 / 5040))))))  # fmt: skip
+    return tl.where(tl.abs(x) < 0.1, series, em - x)
 
 
 @triton.jit
@@ -61,30 +102,52 @@ def _chunk_probs(
     inv_t,
     student_lse,
     teacher_lse,
+    teacher_delta,
     inv_teachers,
     teacher_col,
+    one_class,
     NUM_TEACHERS: tl.constexpr,
 ):
-    """One (BLOCK_N, BLOCK_C) chunk: student logits x, log p_S, p_S, p_T, log p_T.
+    """One (BLOCK_N, BLOCK_C) chunk: x, log p_S, p_S, p_T, log p_T, u, E = expm1(u), near.
 
     p_T is a single teacher's softmax, or the mean of K teachers' softmaxes (MT-DNN-KD).
+    u = log p_T - log p_S in log-ratio form, d_k = (y_k - x) / t (the logits subtracted first)
+    minus delta_k = lse_k - lse_S; K teachers: u = log1p(mean_k expm1(u_k)). ``near``: every
+    |u_k| <= 1, where the log-ratio forms are used (u and E are 0 elsewhere).
     """
     offsets = cols[None, :]
     x = tl.load(student_rows + offsets, mask=tile_mask, other=float("-inf")).to(tl.float32)
     log_p_s = x * inv_t - student_lse[:, None]
     p_s = tl.exp(log_p_s)
+    near = tile_mask
     if NUM_TEACHERS == 1:
-        z = tl.load(teacher_rows + offsets, mask=tile_mask, other=float("-inf"))
+        y = tl.load(teacher_rows + offsets, mask=tile_mask, other=float("-inf")).to(tl.float32)
         lse = tl.sum(tl.where(teacher_col == 0, teacher_lse, 0.0), axis=1)
-        log_p_t = z.to(tl.float32) * inv_t - lse[:, None]
-        return x, log_p_s, p_s, tl.exp(log_p_t), log_p_t
-    p_t = tl.zeros(x.shape, dtype=tl.float32)
-    for k in tl.static_range(NUM_TEACHERS):
-        z = tl.load(teacher_rows + k * stride_tk + offsets, mask=tile_mask, other=float("-inf"))
-        lse = tl.sum(tl.where(teacher_col == k, teacher_lse, 0.0), axis=1)
-        p_t += tl.exp(z.to(tl.float32) * inv_t - lse[:, None])
-    p_t = p_t * inv_teachers
-    return x, log_p_s, p_s, p_t, tl.log(p_t)
+        delta = tl.sum(tl.where(teacher_col == 0, teacher_delta, 0.0), axis=1)
+        log_p_t = y * inv_t - lse[:, None]
+        p_t = tl.exp(log_p_t)
+        u = (y - x) * inv_t - delta[:, None]
+        near = near & (tl.abs(u) <= 1.0)
+        u = tl.where(near & (one_class == 0), u, 0.0)
+        em = _expm1(u)
+    else:
+        p_t = tl.zeros(x.shape, dtype=tl.float32)
+        mixed = tl.zeros(x.shape, dtype=tl.float32)
+        for k in tl.static_range(NUM_TEACHERS):
+            y = tl.load(
+                teacher_rows + k * stride_tk + offsets, mask=tile_mask, other=float("-inf")
+            ).to(tl.float32)
+            lse = tl.sum(tl.where(teacher_col == k, teacher_lse, 0.0), axis=1)
+            delta = tl.sum(tl.where(teacher_col == k, teacher_delta, 0.0), axis=1)
+            p_t += tl.exp(y * inv_t - lse[:, None])
+            u_k = (y - x) * inv_t - delta[:, None]
+            near = near & (tl.abs(u_k) <= 1.0)
+            mixed += _expm1(tl.where(tl.abs(u_k) <= 1.0, u_k, 0.0))
+        p_t = p_t * inv_teachers
+        log_p_t = tl.log(p_t)
+        em = tl.where(near & (one_class == 0), mixed * inv_teachers, 0.0)
+        u = _log1p(em)
+    return x, log_p_s, p_s, p_t, log_p_t, u, em, near
 
 
 @triton.jit
@@ -139,20 +202,32 @@ def _kd_loss_kernel(
     s_rows = student_ptr + rows64[:, None] * stride_s
     t_rows = teacher_ptr + rows64[:, None] * stride_tn
     neg_inf = float("-inf")
+    one_class = (num_classes == 1).to(tl.int32)
 
-    # Pass A: softmax statistics. Rows that do not count are never loaded.
+    # Pass A: softmax statistics, and per teacher gap_sum = sum_c e^(a_c - max) expm1(d_c)
+    # with d = b - a, rescaled with the student's sum, so that delta = lse_T - lse_S =
+    # log1p(gap_sum / sum) keeps its digits when the two are close. Rows that do not count are
+    # never loaded.
     s_max = tl.full([BLOCK_N], neg_inf, tl.float32)
     s_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     h_max = tl.full([BLOCK_N], neg_inf, tl.float32)
     h_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_max = tl.full([BLOCK_N, TEACHER_COLS], neg_inf, tl.float32)
     t_sum = tl.zeros([BLOCK_N, TEACHER_COLS], dtype=tl.float32)
+    gap_sum = tl.zeros([BLOCK_N, TEACHER_COLS], dtype=tl.float32)
     for start in range(0, num_classes, BLOCK_C):
         cols = start + cols0
         tile_mask = counted[:, None] & (cols < num_classes)[None, :]
         x = tl.load(s_rows + cols[None, :], mask=tile_mask, other=neg_inf).to(tl.float32)
         bad = bad | _any_bad(x)
-        s_max, s_sum = _online_softmax_update(s_max, s_sum, x * inv_t)
+        z = x * inv_t
+        new_max = tl.maximum(s_max, tl.max(z, axis=1))
+        shift = tl.where(new_max == neg_inf, 0.0, new_max)
+        rescale = tl.exp(s_max - shift)
+        e_s = tl.exp(z - shift[:, None])
+        s_sum = s_sum * rescale + tl.sum(e_s, axis=1)
+        gap_sum = gap_sum * rescale[:, None]
+        s_max = new_max
         if HARD:
             h_max, h_sum = _online_softmax_update(h_max, h_sum, x)
         for k in tl.static_range(NUM_TEACHERS):
@@ -165,6 +240,12 @@ def _kd_loss_kernel(
             k_max, k_sum = _online_softmax_update(k_max, k_sum, y * inv_t)
             t_max = tl.where(teacher_col == k, k_max[:, None], t_max)
             t_sum = tl.where(teacher_col == k, k_sum[:, None], t_sum)
+            # e^a expm1(d) = e^b - e^a: a series in d where the difference would cancel.
+            d = (y - x) * inv_t
+            close = tl.abs(d) < 0.5
+            gap = tl.where(close, e_s * _expm1(tl.where(close, d, 0.0)), tl.exp(
+                y * inv_t - shift[:, None]) - e_s)  # fmt: skip
+            gap_sum += tl.where(teacher_col == k, tl.sum(gap, axis=1)[:, None], 0.0)
     # All -inf (no finite maximum) is no distribution either.
     bad = bad | (s_max == neg_inf)
     bad = bad | (
@@ -173,6 +254,11 @@ def _kd_loss_kernel(
     s_lse = s_max + tl.log(s_sum)
     t_lse = t_max + tl.log(t_sum)
     h_lse = h_max + tl.log(h_sum)
+    # delta_k = lse_k - lse_S; the plain difference where it is large (or gap_sum overflowed).
+    lse_gap = t_lse - s_lse[:, None]
+    ratio = gap_sum / s_sum[:, None]
+    use_ratio = (tl.abs(lse_gap) <= 1.0) & (ratio > -1.0) & (tl.abs(ratio) < float("inf"))
+    t_delta = tl.where(use_ratio, _log1p(tl.where(use_ratio, ratio, 0.0)), lse_gap)
     s_label = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HARD:
         label_ok = counted & (label >= 0) & (label < num_classes)
@@ -180,25 +266,25 @@ def _kd_loss_kernel(
             tl.float32
         )
 
-    # Pass B (reverse KL, JSD): the row sum R = sum p_S h their gradient subtracts.
+    # Pass B (reverse KL, JSD): the loss and the row sum R = sum p_S h their gradient
+    # subtracts, per class h = -u (reverse KL) or -(1 - beta) log(m / p_S) (JSD).
     soft = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     if KIND >= 2:
         for start in range(0, num_classes, BLOCK_C):
             cols = start + cols0
             tile_mask = counted[:, None] & (cols < num_classes)[None, :]
-            x, log_p_s, p_s, p_t, log_p_t = _chunk_probs(
-                s_rows, t_rows, stride_tk, cols, tile_mask, inv_t, s_lse, t_lse, inv_teachers,
-                teacher_col, NUM_TEACHERS,
+            x, log_p_s, p_s, p_t, log_p_t, u, em, near = _chunk_probs(
+                s_rows, t_rows, stride_tk, cols, tile_mask, inv_t, s_lse, t_lse, t_delta,
+                inv_teachers, teacher_col, one_class, NUM_TEACHERS,
             )  # fmt: skip
             if KIND == 2:
-                soft += tl.sum(_p_log_ratio(p_s, log_p_s, log_p_t), axis=1)
+                far = _p_log_ratio(p_s, log_p_s, log_p_t) + p_t - p_s
+                soft += tl.sum(tl.where(near, p_s * _psi(u, em), far), axis=1)
             else:
-                log_m = tl.log(beta * p_t + (1.0 - beta) * p_s)
-                # Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
-                student_side = _p_log_ratio((1.0 - beta) * p_s, log_p_s, log_m)
-                soft += tl.sum(_p_log_ratio(beta * p_t, log_p_t, log_m) + student_side, axis=1)
-                row_sum += tl.sum(student_side, axis=1)
+                term, h = _jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta)
+                soft += tl.sum(term, axis=1)
+                row_sum += tl.sum(tl.where(p_s > 0, p_s * h, 0.0), axis=1)
         if KIND == 2:
             row_sum = soft
 
@@ -208,24 +294,25 @@ def _kd_loss_kernel(
             cols = start + cols0
             in_cols = (cols < num_classes)[None, :]
             tile_mask = counted[:, None] & in_cols
-            x, log_p_s, p_s, p_t, log_p_t = _chunk_probs(
-                s_rows, t_rows, stride_tk, cols, tile_mask, inv_t, s_lse, t_lse, inv_teachers,
-                teacher_col, NUM_TEACHERS,
+            x, log_p_s, p_s, p_t, log_p_t, u, em, near = _chunk_probs(
+                s_rows, t_rows, stride_tk, cols, tile_mask, inv_t, s_lse, t_lse, t_delta,
+                inv_teachers, teacher_col, one_class, NUM_TEACHERS,
             )  # fmt: skip
-            if KIND == 0:
-                soft += tl.sum(_p_log_ratio(p_t, log_p_t, log_p_s), axis=1)
-            if KIND == 1:
-                soft += tl.sum(tl.where(p_t > 0, -p_t * log_p_s, 0.0), axis=1)
+            if KIND < 2:
+                far = _p_log_ratio(p_t, log_p_t, log_p_s) - p_t + p_s
+                term = tl.where(near, p_s * _phi(u, em), far)
+                if KIND == 1:  # soft CE = KL + H(p_T)
+                    term -= tl.where(p_t > 0, p_t * log_p_t, 0.0)
+                soft += tl.sum(term, axis=1)
             if WRITE_GRAD:
                 if KIND < 2:
-                    g = p_s - p_t
+                    # p_S - p_T, as -p_S expm1(u) where that keeps its digits.
+                    g = tl.where(near, -p_s * em, p_s - p_t)
                 else:
-                    h = log_p_s - log_p_t
-                    if KIND == 3:
-                        # (1 - beta) p_S > 0 implies m > 0: elsewhere h is 0, not 0 * inf.
-                        weighted = (1.0 - beta) * p_s
-                        log_m = tl.log(beta * p_t + weighted)
-                        h = tl.where(weighted > 0, (1.0 - beta) * (log_p_s - log_m), 0.0)
+                    if KIND == 2:
+                        h = tl.where(near, -u, log_p_s - log_p_t)
+                    else:
+                        _, h = _jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta)
                     g = tl.where(p_s > 0, p_s * (h - row_sum[:, None]), 0.0)
                 g = g * soft_grad_coef
                 if HARD:
@@ -245,6 +332,37 @@ def _kd_loss_kernel(
     loss = tl.where(bad, float("nan"), loss)
     loss = tl.where(counted, loss, 0.0)
     tl.store(row_loss_ptr + rows64, loss, mask=row_in_range)
+
+
+@triton.jit
+def _jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta):
+    """JSD per class: the loss term and h = d term / d log p_S (before the row sum).
+
+    Near (|u| <= 1): with E = expm1(u) and e^L = m / p_S = 1 + beta E, the term is
+    p_S e^L (beta phi(u - L) + (1 - beta) phi(-L)), every part >= 0, and h = -(1 - beta) L;
+    expm1(u - L) and expm1(-L) follow from E without another exponential. Far: the
+    log-probability forms, guarded so that 0 log 0 = 0 (beta = 0 or 1 included).
+    """
+    one_minus_beta = 1.0 - beta
+    mixed = 1.0 + beta * em
+    log_mixed = _log1p(beta * em)
+    near_term = (
+        p_s
+        * mixed
+        * (
+            beta * _phi(u - log_mixed, one_minus_beta * em / mixed)
+            + one_minus_beta * _phi(-log_mixed, -beta * em / mixed)
+        )
+    )
+    log_m = tl.log(beta * p_t + one_minus_beta * p_s)
+    # Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
+    far_term = _p_log_ratio(beta * p_t, log_p_t, log_m) + _p_log_ratio(
+        one_minus_beta * p_s, log_p_s, log_m
+    )
+    far_h = tl.where(one_minus_beta * p_s > 0, one_minus_beta * (log_p_s - log_m), 0.0)
+    term = tl.where(near, near_term, far_term)
+    h = tl.where(near, -one_minus_beta * log_mixed, far_h)
+    return term, h
 
 
 def _previous_power_of_2(n: int) -> int:
