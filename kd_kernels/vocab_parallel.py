@@ -10,23 +10,18 @@ all-reduced: a few floats per row, never the logits. Per chunk of rows, in order
    term at t = 1).
 2. SUM: the sum-exps relative to those maxima, giving lse_a, lse_b (lse_s); the label's logit
    (held by one rank).
-3. SUM (one teacher): S = sum_c p_S,c expm1(d_c) with d = b - a, so that
-   δ = lse_b - lse_a = log1p(S) stays exact when student and teacher agree.
-4. SUM: the row losses (and, for jsd, sum_c p_S (-L)): the loss every rank returns, and the
-   row sums the reverse_kl and jsd gradients need.
+3. SUM: per teacher, S = sum_c p_S,c expm1(d_c) with d = (teacher - student) / t (the logits
+   subtracted first), so that δ = lse_b - lse_a = log1p(S) stays exact when student and
+   teacher agree (``reference.gap_terms``, ``reference.delta_from_gaps``).
+4. SUM: the row losses (and, for reverse_kl and jsd, the row sum of the gradient weights):
+   the loss every rank returns, and what those two gradients need.
 
-With u = d - δ = log(p_T / p_S) (for an ensemble, log p_T - log p_S, p_T the mean of the
-teachers' probabilities), classes where |u| < 1 use the log-ratio forms, exact when u is
-small; elsewhere the usual forms (nothing overflows, 0 log 0 = 0):
-
-- kl = sum p_S (u e^u - expm1 u), every term >= 0; d/da = -p_S expm1 u (= p_S - p_T).
-- soft_ce = sum -p_T log p_S; d/da = p_S - p_T.
-- reverse_kl = sum p_S (expm1 u - u); d/da = p_S (-u - reverse_kl).
-- jsd with L = log(m / p_S) = log1p(β expm1 u), m = β p_T + (1 - β) p_S:
-  β sum p_S e^u (u - L) + (1 - β) sum p_S (-L); d/da = (1 - β) p_S (-L - sum p_S (-L)).
-
-A row's loss is soft_weight (t^2) times that, plus hard_weight (lse_s - s_label); d/ds of the
-soft term is (soft_weight (t^2) / t) d/da, of the hard term hard_weight (softmax(s) - onehot).
+With u = d - δ = log(p_T / p_S) (``reference.log_ratio_from_delta``), the per-class terms and
+gradient weights are the single-process ones, ``reference.kd_class_terms`` and
+``reference.kd_class_gradient_weights``: log-ratio forms where |u| <= 1 (exact for small u),
+the usual forms elsewhere. A row's loss is soft_weight (t^2) times the sum of the terms, plus
+hard_weight (lse_s - s_label); d/ds of the soft part is (soft_weight (t^2) / t)
+(w_c - p_S,c sum_j w_j), of the hard part hard_weight (softmax(s) - onehot(label)).
 
 The math is float32 PyTorch (float64 for float64 input) on every backend: the matmuls of the
 fused head and the collectives are the cost. Every rank returns the global loss; the local
@@ -58,12 +53,10 @@ from kd_kernels.functional import (
 
 __all__ = ["fused_linear_kd_loss", "kd_loss"]
 
-# Elements of one chunk of local logits: the float32 math keeps ~10 temporaries of this size.
-CHUNK_BUDGET = {"cpu": 2**22, "cuda": 2**25}
+# Elements of one chunk of local logits: the float32 math holds up to ~10 temporaries of this
+# size (the single-process path: one chunk's logits, its kernel is fused).
+CHUNK_BUDGET = {"cpu": 2**21, "cuda": 2**24}
 MIN_CHUNK_ROWS = 32
-# Classes with |log(p_T / p_S)| below this use the log-ratio forms (exact for small u); the
-# usual forms elsewhere, where they lose nothing and cannot overflow.
-NEAR = 1.0
 TOPK_REMAINDERS = ("renormalize", "spread")
 
 
@@ -193,7 +186,7 @@ def fused_linear_kd_loss(
         teacher_hidden (..., H_T), the same on every rank, with teacher_weight (V / P, H_T)
             and teacher_bias (V / P,), this rank's rows. Or teacher_topk (global ids).
         chunk_size: rows per chunk (of a ``(rows, vocab)`` pair only the rows count: a rank's
-            slice is one vocabulary chunk). None: about 4M local logits per chunk (32M on a
+            slice is one vocabulary chunk). None: about 2M local logits per chunk (16M on a
             GPU), at least 32 rows.
         The other options are as in :func:`kd_loss` of this module.
 
@@ -464,36 +457,33 @@ class VocabParallelKD:
         lse = shift[:count] + sums[:count].log()
         lse_a, lse_b = lse[0], lse[1 : 1 + num_teachers]
         log_p_s = a - lse_a[:, None]
-        p_s = log_p_s.exp()
+        teacher_log_probs = b - lse_b[..., None]
+        log_p_t = reference.mix_teachers(teacher_log_probs)
+        del a, b  # chunk-sized temporaries go as soon as they are used: they set the peak
 
-        # 3. δ = lse_b - lse_a = log1p(sum p_S expm1(d)): exact when the rows agree.
-        if num_teachers == 1:
-            d = (teacher[0] - s) / t  # logits subtracted first: d is exact
-            log_p_t = b[0] - lse_b[0, :, None]
-            small = d.abs() < NEAR
-            # Away from d = 0, p_S expm1(d) = exp(b - lse_a) - p_S, which cannot overflow
-            # where δ is used (|δ| < 1, so b - lse_a <= lse_b - lse_a < 1).
-            terms = torch.where(
-                small,
-                p_s * torch.expm1(torch.where(small, d, 0)),
-                (b[0] - lse_a[:, None]).exp() - p_s,
-            )
-            s1 = self._all_reduce(terms.sum(-1), dist.ReduceOp.SUM)
-            direct = lse_b[0] - lse_a
-            delta = torch.where(direct.abs() < NEAR, torch.log1p(s1), direct)
-            log_ratio = d - delta[:, None]
-        else:
-            log_p_t = reference.mix_teachers(b - lse_b[..., None])
-            log_ratio = log_p_t - log_p_s
-        p_t = log_p_t.exp()
+        # 3. Per teacher, δ = lse_b - lse_a = log1p(sum p_S expm1(d)): exact when the rows
+        #    agree. d = (teacher - student) / t, the logits subtracted first.
+        d = (teacher - s) / t
+        lse_gap = (lse_b - lse_a)[..., None]
+        # b - lse_a is clamped as in reference.log_ratio: past 2 the sum is not used.
+        gaps = reference.gap_terms(d, log_p_s, (teacher_log_probs + lse_gap).clamp(max=2.0))
+        del teacher, teacher_log_probs
+        gaps = self._all_reduce(gaps.sum(-1), dist.ReduceOp.SUM)
+        delta = reference.delta_from_gaps(gaps, lse_gap[..., 0])[..., None]
+        u, near = reference.log_ratio_from_delta(d, delta, self.vocab_size)
+        del d
 
-        # 4. Per-class terms, their row sums (all-reduced) and the gradient d/da.
-        near = log_ratio.abs() < NEAR
-        u = torch.where(near, log_ratio, 0)
-        soft, extra, grad_a = _kind_terms(kind, beta, near, u, log_p_s, log_p_t, p_s, p_t)
-        row_sums = [soft.sum(-1)]
-        if extra is not None:
-            row_sums.append(extra.sum(-1))
+        # 4. Per-class terms and gradient weights w (d row / d a_c = w_c - p_S,c sum_j w_j),
+        #    their row sums all-reduced (sum_j w_j = 0 for kl and soft_ce).
+        log_ratio = dict(kind=kind, beta=beta, u=u, near=near)
+        soft = reference.kd_class_terms(log_p_s, log_p_t, **log_ratio)
+        weights = None
+        if want_grad:
+            weights = reference.kd_class_gradient_weights(log_p_s, log_p_t, **log_ratio)
+        del u, near, log_p_t
+        weight_sum = kind not in ("kl", "soft_ce") and want_grad
+        row_sums = [soft.sum(-1), *([weights.sum(-1)] if weight_sum else [])]
+        del soft
         row_sums = self._all_reduce(torch.stack(row_sums), dist.ReduceOp.SUM)
         soft_rows = row_sums[0]
 
@@ -508,14 +498,10 @@ class VocabParallelKD:
         if not want_grad:
             return row_loss, None
 
-        if kind == "reverse_kl":
-            ratio = torch.where(near, u, log_p_t - log_p_s)
-            grad_a = torch.where(p_s != 0, p_s * (-ratio - soft_rows[:, None]), 0)
-        elif kind == "jsd":
-            grad_a = (1.0 - beta) * (extra - p_s * row_sums[1][:, None])
+        grad_a = weights - log_p_s.exp() * row_sums[1][:, None] if weight_sum else weights
         grad = (soft_scale / t) * grad_a
         if hard:
-            p_s1 = (s - lse_s[:, None]).exp() if separate_hard else p_s
+            p_s1 = (s - lse_s[:, None]).exp() if separate_hard else log_p_s.exp()
             p_s1 = p_s1.scatter_add(1, column, -here.to(acc_dtype)[:, None])
             grad = grad + o["hard_weight"] * p_s1
         if counted is not None:
@@ -529,45 +515,6 @@ class VocabParallelKD:
         local = labels - self.offset
         here = (local >= 0) & (local < self.local_vocab) & (labels != self.options["ignore_index"])
         return local.clamp(0, self.local_vocab - 1)[:, None], here
-
-
-def _kind_terms(
-    kind: str,
-    beta: float,
-    near: torch.Tensor,
-    u: torch.Tensor,
-    log_p_s: torch.Tensor,
-    log_p_t: torch.Tensor,
-    p_s: torch.Tensor,
-    p_t: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-class soft terms, the per-class summand of a second row sum the gradient needs
-    (jsd: p_S (-L)), and d/da where it needs no row sum (kl, soft_ce). ``u`` is
-    log(p_T / p_S) where ``near``, 0 elsewhere."""
-    zero = torch.zeros_like(p_s)
-    if kind in ("kl", "soft_ce"):
-        if kind == "kl":
-            far = reference._plogp_ratio(p_t, log_p_t, log_p_s) - p_t + p_s
-            soft = torch.where(near, p_s * (u * u.exp() - torch.expm1(u)), far)
-        else:
-            soft = torch.where(p_t != 0, -p_t * log_p_s, zero)
-        grad_a = torch.where(near, -p_s * torch.expm1(u), p_s - p_t)
-        return soft, None, grad_a
-    if kind == "reverse_kl":
-        far = reference._plogp_ratio(p_s, log_p_s, log_p_t) + p_t - p_s
-        return torch.where(near, p_s * (torch.expm1(u) - u), far), None, None
-    if kind == "jsd":
-        log_m_ratio = torch.log1p(beta * torch.expm1(u))  # L = log(m / p_S)
-        near_terms = beta * p_s * u.exp() * (u - log_m_ratio) - (1.0 - beta) * p_s * log_m_ratio
-        mixture = beta * p_t + (1.0 - beta) * p_s
-        log_m = torch.log(torch.where(mixture != 0, mixture, torch.ones_like(mixture)))
-        far = reference._plogp_ratio(beta * p_t, log_p_t, log_m) + reference._plogp_ratio(
-            (1.0 - beta) * p_s, log_p_s, log_m
-        )
-        soft = torch.where(near, near_terms, far)
-        p_neg_l = torch.where(near, -p_s * log_m_ratio, reference._plogp_ratio(p_s, log_p_s, log_m))
-        return soft, p_neg_l, None
-    raise ValueError(f"kind must be one of {reference.KD_KINDS}, got {kind!r}")
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:

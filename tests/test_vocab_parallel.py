@@ -241,9 +241,9 @@ def test_ranks_equal_one_process(per_rank, name, api, form, options):
     world_size = len(per_rank)
     loss, grads = _expected(name)
     width = VOCAB // world_size
-    # The near-equal case against float64 (where eager fp32 is ~1e0 off): issue 17's targets,
-    # loss within 1e-3 and gradients within 1e-4 (relative).
-    tolerance = dict(rtol=1e-3, atol=0.0) if form == "near" else dict(rtol=1e-5, atol=1e-6)
+    # The near-equal case against float64 (where a log-probability difference in fp32 is ~1e0
+    # off): within issue 17's targets, loss 1e-3 and gradients 1e-4 (relative), with margin.
+    tolerance = dict(rtol=1e-4, atol=0.0) if form == "near" else dict(rtol=1e-5, atol=1e-6)
     for rank, got in enumerate(per_rank):
         columns = slice(rank * width, (rank + 1) * width)
         got_loss, *got_grads = (torch.from_numpy(x) for x in got[name])
