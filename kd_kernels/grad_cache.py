@@ -72,13 +72,13 @@ def _tensors_of(piece: Any) -> list[torch.Tensor]:
 
 
 class GradCache:
-    """One batch under GradCache: ``embed`` (step 1), then ``loss`` (steps 2 and 3).
+    """One batch under GradCache: :meth:`embed` (step 1), then :meth:`loss` (steps 2 and 3).
 
     Args:
         encode: ``encode(piece) -> (rows, D)`` embeddings; it must draw its randomness from
-            torch's global RNG (dropout does) and be deterministic given that state.
-        pieces: the batch, in pieces of a size whose activations fit (any objects ``encode``
-            takes: tokenized dicts, row ranges, tensors).
+            torch's global RNG (dropout does) and be deterministic given that state. Pieces are
+            any objects it takes (tokenized dicts, tuples of tensors); the CUDA RNG of every
+            device their tensors live on is saved with the CPU one.
         module: the module ``encode`` runs, when it is wrapped in DistributedDataParallel:
             replays then accumulate gradients locally (``no_sync``) and only the last one
             all-reduces, as gradient accumulation does; if the forward pass ran inside an outer
@@ -86,8 +86,8 @@ class GradCache:
 
     Example::
 
-        cache = GradCache(lambda ids: encoder(ids), input_ids.split(256))
-        first, second = ...  # from torch.cat(cache.embed())
+        cache = GradCache(lambda ids: encoder(ids).pooler_output)
+        first, second = torch.cat(cache.embed(input_ids.split(256))).chunk(2)
         loss = cache.loss(kdk.info_nce_loss(first, second))
         loss.backward()  # re-embeds piece by piece into the encoder's .grad
 
@@ -95,39 +95,36 @@ class GradCache:
     depends on (a learnable temperature) gets no gradient.
     """
 
-    def __init__(
-        self,
-        encode: Callable[[Any], torch.Tensor],
-        pieces: Sequence[Any],
-        *,
-        module: nn.Module | None = None,
-    ):
-        if len(pieces) == 0:
-            raise ValueError("GradCache needs at least one piece")
+    def __init__(self, encode: Callable[[Any], torch.Tensor], *, module: nn.Module | None = None):
         self.encode = encode
-        self.pieces = list(pieces)
         self.module = module
+        self.pieces: list[Any] = []
         self.embeddings: list[torch.Tensor] = []
         self.states: list[RNGSnapshot] = []
         self._autocast: _AutocastState | None = None
 
-    def embed(self) -> list[torch.Tensor]:
+    def embed(self, pieces: Sequence[Any]) -> list[torch.Tensor]:
         """Step 1: each piece's embeddings (rows, D), computed without gradient. When grad mode
         is on they are leaves that require grad: build the loss from them (concatenate, split,
-        reorder) and pass it to :meth:`loss`."""
+        reorder) and pass it to :meth:`loss`. May be called again to add pieces (a view that
+        depends on the first ones' values, as an adversarial one does)."""
+        if len(pieces) == 0:
+            raise ValueError("GradCache needs at least one piece")
         tracking = torch.is_grad_enabled()
-        self.embeddings, self.states = [], []
-        for piece in self.pieces:
+        added = []
+        for piece in pieces:
             # The snapshot is taken right before the piece's forward, so its replay draws the
             # same dropout masks whatever ran in between.
-            if tracking:
-                self.states.append(RNGSnapshot(*_tensors_of(piece)))
+            state = RNGSnapshot(*_tensors_of(piece)) if tracking else None
             with torch.no_grad():
                 out = self.encode(piece)
             if self._autocast is None:
                 self._autocast = _AutocastState(out.device.type)
-            self.embeddings.append(out.detach().requires_grad_(tracking))
-        return self.embeddings
+            added.append(out.detach().requires_grad_(tracking))
+            self.pieces.append(piece)
+            self.states.append(state)  # type: ignore[arg-type]
+        self.embeddings += added
+        return added
 
     def _no_sync(self, last: bool, synchronize: bool):
         ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)

@@ -77,8 +77,8 @@ def test_cached_equals_one_graph_with_dropout(encoder):
     expected = parameter_grads(encoder)
 
     torch.manual_seed(7)
-    cache = GradCache(encode, pieces)
-    loss = cache.loss(info_nce_of(cache.embed()))
+    cache = GradCache(encode)
+    loss = cache.loss(info_nce_of(cache.embed(pieces)))
     after_embed = torch.get_rng_state()
     loss.backward()
     torch.testing.assert_close(loss.detach(), expected_loss.detach(), rtol=1e-6, atol=1e-6)
@@ -94,8 +94,8 @@ def test_backward_scales_by_grad_output(encoder):
     grads = []
     for factor in (1.0, 0.25):
         torch.manual_seed(3)
-        cache = GradCache(encode, pieces)
-        (factor * cache.loss(info_nce_of(cache.embed()))).backward()
+        cache = GradCache(encode)
+        (factor * cache.loss(info_nce_of(cache.embed(pieces)))).backward()
         grads.append(parameter_grads(encoder))
     for name, grad in grads[1].items():
         torch.testing.assert_close(grad, 0.25 * grads[0][name], rtol=1e-5, atol=1e-8)
@@ -121,8 +121,8 @@ def test_input_gradients_equal_autograd(encoder):
         views([encode(p) for p in zip(leaves, masks, strict=True)]), leaves
     )
     torch.manual_seed(5)
-    cache = GradCache(encode, list(zip(embeddings.split(3), masks, strict=True)))
-    loss = views(cache.embed())
+    cache = GradCache(encode)
+    loss = views(cache.embed(list(zip(embeddings.split(3), masks, strict=True))))
 
     def leaf_of(piece):
         leaf = piece[0].clone().requires_grad_()
@@ -137,12 +137,12 @@ def test_input_gradients_equal_autograd(encoder):
 def test_no_grad_returns_the_value(encoder):
     pieces = split_rows(make_features(6, seed=6), 4)
     with torch.no_grad():
-        cache = GradCache(lambda p: encoder(p)["sentence_embedding"], pieces)
-        chunks = cache.embed()
+        cache = GradCache(lambda p: encoder(p)["sentence_embedding"])
+        chunks = cache.embed(pieces)
         loss = cache.loss(info_nce_of(chunks))
     assert not loss.requires_grad and not any(c.requires_grad for c in chunks)
     with pytest.raises(ValueError, match="at least one piece"):
-        GradCache(lambda p: p, [])
+        GradCache(lambda p: p).embed([])
 
 
 # FusedMultipleNegativesRankingLoss(gather_across_devices=True): two ranks of 4 rows against

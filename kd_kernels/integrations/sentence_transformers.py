@@ -306,8 +306,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             # A fresh dict each pass: the model adds its outputs to the one it is given.
             return self.model(dict(piece))["sentence_embedding"]
 
-        cache = GradCache(encode, pieces, module=self.model)
-        chunks = cache.embed()
+        cache = GradCache(encode, module=self.model)
+        chunks = cache.embed(pieces)
         columns = [
             torch.cat([e for (column, _), e in zip(spans, chunks, strict=True) if column == c])
             for c in range(len(features))

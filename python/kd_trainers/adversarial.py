@@ -21,13 +21,14 @@ def per_example_norm(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_perturbation(
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    loss_of: Callable[[torch.Tensor], torch.Tensor] | None,
     embeddings: torch.Tensor,
     token_mask: torch.Tensor,
     epsilon: float,
     *,
     steps: int = 1,
     step_size: float | None = None,
+    gradient_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The perturbation delta (B, L, D) that raises ``loss_of(embeddings + delta)``.
 
@@ -39,6 +40,8 @@ def embedding_perturbation(
         epsilon: the L2 radius per example, > 0.
         steps: 1 is FGM; more is PGD.
         step_size: PGD step (default ``epsilon / steps * 2``, so the ball's edge is reachable).
+        gradient_of: instead of ``loss_of``, a function giving d loss / d perturbed (B, L, D)
+            itself (a loss whose gradient is taken piece by piece under GradCache).
 
     Returns:
         delta (B, L, D), detached, in the embeddings' dtype. ||delta_b|| = epsilon for FGM
@@ -53,9 +56,13 @@ def embedding_perturbation(
     size = epsilon if steps == 1 else (step_size or 2.0 * epsilon / steps)
     delta = torch.zeros_like(base)
     for _ in range(steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            (gradient,) = torch.autograd.grad(loss_of(base + delta), delta)
+        if gradient_of is not None:
+            gradient = gradient_of(base + delta)
+        else:
+            assert loss_of is not None
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                (gradient,) = torch.autograd.grad(loss_of(base + delta), delta)
         gradient = gradient * mask
         step = size * gradient / per_example_norm(gradient).clamp_min(1e-12)
         delta = delta.detach() + step

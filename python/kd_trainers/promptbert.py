@@ -36,6 +36,7 @@ from kd_trainers.sentence import (
     Embed,
     SentenceConfig,
     build_encoder,
+    contrastive_views,
     evaluate_bi_encoder,
     evaluate_embedder,
     evaluating,
@@ -273,21 +274,34 @@ def run(config: PromptBERTConfig, runtime: Runtime) -> tuple[dict, str]:
     before = evaluate()
     runtime.log(f"before: {before}")
 
-    def loss_fn(wrapped, batch: list[int]):
-        inputs, layout = prompt_batch(
+    def prompt_rows(picked: Sequence[str]) -> tuple[dict, Layout]:
+        return prompt_batch(
             tokenizer,
-            [texts[i] for i in batch],
+            picked,
             templates,
             max_length=config.max_length,
             denoise=config.denoise,
             device=runtime.device,
         )
-        first, second = prompt_vectors(wrapped, inputs, layout)
+
+    def loss_fn(wrapped, batch: list[int]):
+        # Under GradCache each chunk carries its own empty templates (one per length in it).
+        (first, second), finish = contrastive_views(
+            wrapped,
+            [texts[i] for i in batch],
+            config.grad_cache_chunk,
+            prompt_rows,
+            lambda model, rows: prompt_vectors(model, *rows),
+        )
         loss = kdk.info_nce_loss(
-            first, second, temperature=config.temperature, backend=config.loss_backend
+            first,
+            second,
+            temperature=config.temperature,
+            backend=config.loss_backend,
+            gather_distributed=config.gather_negatives,
         )
         agreement = torch.nn.functional.cosine_similarity(first.float(), second.float()).mean()
-        return loss, {"positive_cosine": agreement.detach()}
+        return finish(loss), {"positive_cosine": agreement.detach()}
 
     result = run_stage(
         runtime,

@@ -12,10 +12,15 @@ supervised (``mode=supervised``), g = dCE/de:
 unsupervised (``mode=unsupervised``), two dropout views h1, h2 (SimCSE), g = dInfoNCE(h(e), h2)/de:
     loss = InfoNCE(h1, h2) + alpha * InfoNCE(h1, h(x + delta)), alpha < 1;
     stages ``simcse`` (alpha = 0) and ``uscal``, scored by Spearman on sentence-pair data.
+    ``grad_cache_chunk`` K runs it under GradCache, K texts of activations at a time: the three
+    views are cached embeddings, and g is taken chunk by chunk from the cached gradient of the
+    batch's InfoNCE (the perturbation delta (B, L, D) is kept for the replay).
+``gather_negatives`` (under torchrun): every process's keys in every InfoNCE.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -24,12 +29,15 @@ from torch import nn
 from torch.nn import functional as F
 
 import kd_kernels as kdk
+from kd_kernels.grad_cache import GradCache
 from kd_trainers.adversarial import embedding_perturbation
 from kd_trainers.config import TrainConfig
 from kd_trainers.errors import ConfigError
 from kd_trainers.models import Head, SequenceModel, build_model, encode, load_tokenizer
 from kd_trainers.report import markdown_table
 from kd_trainers.sentence import (
+    LARGE_BATCH_HELP,
+    LargeBatchConfig,
     SentenceConfig,
     evaluate_embedder,
     evaluating,
@@ -44,7 +52,7 @@ MODES = ("supervised", "unsupervised")
 
 
 @dataclass
-class SCALConfig(TrainConfig):
+class SCALConfig(LargeBatchConfig, TrainConfig):
     HELP: ClassVar[dict[str, str]] = {
         "mode": "supervised (SCAL, labelled task) or unsupervised (USCAL, unlabelled text)",
         "task": "supervised: labelled data (built-in name or file)",
@@ -59,6 +67,7 @@ class SCALConfig(TrainConfig):
         "symmetric": "InfoNCE in both directions (NT-Xent-like) instead of one",
         "attack_epsilon": "radius of the evaluation attacks (FGM and PGD)",
         "attack_steps": "PGD steps of the evaluation attack",
+        **LARGE_BATCH_HELP,
     }
     max_train: int = 2000
     max_eval: int = 1000
@@ -93,6 +102,12 @@ class SCALConfig(TrainConfig):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.mode == "unsupervised" and not 0 <= self.alpha < 1:
             raise ConfigError(f"USCAL needs 0 <= alpha < 1, got {self.alpha}")
+        self.validate_large_batch()
+        if self.grad_cache_chunk and self.mode != "unsupervised":
+            raise ConfigError("grad_cache_chunk is for mode=unsupervised (USCAL)")
+        if self.grad_cache_chunk and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # DDP wraps the whole SCAL step here, so it cannot see the replayed encoder passes.
+            raise ConfigError("grad_cache_chunk with scal runs in one process (not torchrun)")
 
 
 CONFIG = SCALConfig
@@ -124,6 +139,7 @@ class ContrastiveAdversarial(nn.Module):
             temperature=self.config.temperature,
             symmetric=self.config.symmetric,
             backend=self.config.loss_backend,
+            gather_distributed=self.config.gather_negatives,
         )
 
     def perturb(self, loss_of, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -134,6 +150,8 @@ class ContrastiveAdversarial(nn.Module):
 
     def forward(self, inputs: dict, labels: torch.Tensor | None):
         model = self.model
+        if labels is None and self.config.grad_cache_chunk:
+            return self.unsupervised_cached(inputs)
         embeddings, rest = split_inputs(model, inputs)
         mask = inputs["attention_mask"]
         features = model.embed({**rest, "inputs_embeds": embeddings})
@@ -176,6 +194,68 @@ class ContrastiveAdversarial(nn.Module):
             loss = loss + self.weight * extra
             logs["info_nce_adversarial"] = extra.detach()
         return loss, logs
+
+    def unsupervised_cached(self, inputs: dict):
+        """:meth:`unsupervised` under GradCache, ``grad_cache_chunk`` rows at a time: the same
+        loss and, given the same dropout masks, the same gradient."""
+        model, config = self.model, self.config
+        rows, size = inputs["input_ids"].shape[0], config.grad_cache_chunk
+        chunks = [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, rows, size)]
+
+        def encode(piece: tuple[dict, torch.Tensor | None]) -> torch.Tensor:
+            """Pooled vectors of a chunk's tokens, moved by its perturbation when it has one."""
+            chunk, delta = piece
+            embeddings, rest = split_inputs(model, chunk)
+            if delta is not None:
+                embeddings = embeddings + delta
+            return model.embed({**rest, "inputs_embeds": embeddings})
+
+        cache = GradCache(encode)
+        views = cache.embed([(chunk, None) for chunk in chunks + chunks])  # two dropout views
+        first_view, second_view = torch.cat(views[: len(chunks)]), torch.cat(views[len(chunks) :])
+        loss = self.info_nce(first_view, second_view)
+        logs = {"info_nce": loss.detach()}
+        if self.weight > 0:
+            delta = self.cached_perturbation(inputs, chunks, second_view.detach())
+            pieces = list(zip(chunks, delta.split(size), strict=True))
+            adversarial = torch.cat(cache.embed(pieces))
+            extra = self.info_nce(first_view, adversarial)
+            loss = loss + self.weight * extra
+            logs["info_nce_adversarial"] = extra.detach()
+        return cache.loss(loss), logs
+
+    def cached_perturbation(
+        self, inputs: dict, chunks: list[dict], anchor: torch.Tensor
+    ) -> torch.Tensor:
+        """delta (B, L, D) of :meth:`perturb` for InfoNCE(h(e + delta), anchor), its gradient
+        with respect to e taken chunk by chunk (``GradCache.input_gradients``)."""
+        model = self.model
+        with torch.no_grad():
+            base, _ = split_inputs(model, inputs)
+        rests = [split_inputs(model, chunk)[1] for chunk in chunks]
+
+        def encode(piece: tuple[torch.Tensor, dict]) -> torch.Tensor:
+            return model.embed({**piece[1], "inputs_embeds": piece[0]})
+
+        def leaf_of(piece: tuple[torch.Tensor, dict]):
+            leaf = piece[0].detach().requires_grad_()
+            return (leaf, piece[1]), leaf
+
+        def gradient_of(perturbed: torch.Tensor) -> torch.Tensor:
+            cache = GradCache(encode)
+            pieces = list(zip(perturbed.split(self.config.grad_cache_chunk), rests, strict=True))
+            vectors = torch.cat(cache.embed(pieces))
+            return torch.cat(cache.input_gradients(self.info_nce(vectors, anchor), leaf_of))
+
+        config = self.config
+        return embedding_perturbation(
+            None,
+            base,
+            inputs["attention_mask"],
+            config.epsilon,
+            steps=config.pgd_steps,
+            gradient_of=gradient_of,
+        )
 
 
 def attacked_correct(

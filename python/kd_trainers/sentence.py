@@ -16,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import BertModel
 
+from kd_kernels.grad_cache import GradCache
 from kd_trainers import metrics
 from kd_trainers.config import TrainConfig
 from kd_trainers.data import ColumnSpec, Example, TextDataset, load_dataset
@@ -38,7 +41,34 @@ Embed = Callable[[Sequence[str]], torch.Tensor]
 
 
 @dataclasses.dataclass
-class SentenceConfig(TrainConfig):
+class LargeBatchConfig:
+    """Keys of every contrastive (InfoNCE) training step: GradCache and negatives from every
+    process. A mixin of the sentence methods' configs and SCAL's."""
+
+    grad_cache_chunk: int = 0
+    gather_negatives: bool = False
+
+    def validate_large_batch(self) -> None:
+        if self.grad_cache_chunk < 0:
+            raise ConfigError(f"grad_cache_chunk must be >= 0, got {self.grad_cache_chunk}")
+        if self.gather_negatives and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ConfigError(
+                "gather_negatives needs several processes: torchrun --nproc_per_node N "
+                "-m kd_trainers ..."
+            )
+
+
+LARGE_BATCH_HELP: dict[str, str] = {
+    "grad_cache_chunk": "GradCache: embed each batch K texts at a time without gradient, then "
+    "re-embed chunk by chunk with the loss's gradient (memory: the embeddings plus one chunk's "
+    "activations; 0: one pass)",
+    "gather_negatives": "under torchrun, every process's embeddings are negatives for every "
+    "query (all-gather with gradient)",
+}
+
+
+@dataclasses.dataclass
+class SentenceConfig(LargeBatchConfig, TrainConfig):
     """Keys every sentence-embedding method shares: the encoder, the unlabeled training text,
     the contrastive temperature and the pair sets evaluated before and after training."""
 
@@ -72,6 +102,7 @@ class SentenceConfig(TrainConfig):
             )
         if self.eval_max_length < 2:
             raise ConfigError(f"eval_max_length must be >= 2, got {self.eval_max_length}")
+        self.validate_large_batch()
 
 
 SENTENCE_HELP: dict[str, str] = {
@@ -86,6 +117,7 @@ SENTENCE_HELP: dict[str, str] = {
     "eval_columns": "text, text pair and score columns of user eval pair files",
     "eval_max_length": "tokens per text when evaluating (a cross-encoder's pair shares it)",
     "max_eval": "cap on pairs per evaluation set (0: all)",
+    **LARGE_BATCH_HELP,
 }
 
 
@@ -148,6 +180,46 @@ def build_encoder(
 def text_inputs(tokenizer, texts: Sequence[str], max_length: int, device: torch.device) -> dict:
     """Token ids of single texts, padded to the longest: (B, L) int64 tensors."""
     return encode(tokenizer, [Example(t) for t in texts], max_length, device)
+
+
+def contrastive_views(
+    model: nn.Module,
+    items: Sequence,
+    chunk: int,
+    prepare: Callable[[Sequence], Any],
+    embed: Callable[[nn.Module, Any], Sequence[torch.Tensor]],
+) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """The views of a contrastive batch, and what turns the loss made of them into the loss to
+    back-propagate.
+
+    ``prepare(items)`` builds the model's inputs of some items (tokenized, on the device);
+    ``embed(model, inputs)`` returns their views, each (rows_v, D) (two dropout views; or
+    anchors, positives, hard negatives). ``chunk`` 0 (or >= len(items)): one pass with gradient,
+    and the returned function is the identity. ``chunk`` K: GradCache
+    (:class:`kd_kernels.grad_cache.GradCache`): the items are prepared and embedded K at a
+    time without gradient, each view concatenated over the chunks in item order, and the
+    returned function gives the loss whose backward re-embeds chunk by chunk (same dropout).
+    """
+    if chunk <= 0 or chunk >= len(items):
+        return list(embed(model, prepare(items))), lambda loss: loss
+    pieces = [
+        (i, prepare(items[start : start + chunk]))
+        for i, start in enumerate(range(0, len(items), chunk))
+    ]
+    sizes: dict[int, list[int]] = {}
+
+    def encode(piece: tuple[int, Any]) -> torch.Tensor:
+        views = embed(model, piece[1])
+        sizes[piece[0]] = [view.shape[0] for view in views]
+        return torch.cat(list(views))
+
+    cache = GradCache(encode, module=model)
+    parts = [
+        embedded.split(sizes[index])
+        for (index, _), embedded in zip(pieces, cache.embed(pieces), strict=True)
+    ]
+    views = [torch.cat([part[v] for part in parts]) for v in range(len(parts[0]))]
+    return views, cache.loss
 
 
 def text_embedder(model: BiEncoder, tokenizer, max_length: int, device: torch.device) -> Embed:

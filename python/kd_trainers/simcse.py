@@ -10,6 +10,10 @@ Supervised (``positive_column`` set): anchor a_i against positives p_i and, with
 has one; a row without one just adds no key):
     loss = info_nce_loss(e(a), [e(p); e(n)]), the positive of query i being key i.
 
+Large batches: ``grad_cache_chunk`` K embeds a batch K texts at a time under GradCache (the
+same loss and gradient; memory is the embeddings plus one chunk's activations), and
+``gather_negatives`` (under torchrun) scores every query against every process's keys.
+
 Stage ``simcse`` (resumable). Every pair set in ``eval_data`` is scored before and after.
 Trans-Encoder's step 1 reuses :func:`contrastive_stage`.
 """
@@ -34,6 +38,7 @@ from kd_trainers.sentence import (
     SentenceConfig,
     build_encoder,
     check_pooling,
+    contrastive_views,
     evaluate_bi_encoder,
     load_pair_sets,
     load_texts,
@@ -83,27 +88,51 @@ class Triple:
     negative: str | None = None
 
 
-def dropout_views_loss(
-    model, inputs: dict, *, temperature: float, backend: str
+def pair_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: float,
+    backend: str,
+    gather: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """Unsupervised SimCSE on one batch of tokenized texts (B rows)."""
-    doubled = {name: torch.cat([value, value]) for name, value in inputs.items()}
-    first, second = model(doubled).chunk(2)  # (B, D) each: two dropout masks per text
-    loss = kdk.info_nce_loss(first, second, temperature=temperature, backend=backend)
-    agreement = torch.nn.functional.cosine_similarity(first.float(), second.float()).mean()
+    """InfoNCE of queries (N, D) against keys (M >= N, D), query i's positive being key i
+    (keys past N are hard negatives); ``gather``: every process's keys. Logs the mean cosine
+    of the positive pairs."""
+    loss = kdk.info_nce_loss(
+        query, key, temperature=temperature, backend=backend, gather_distributed=gather
+    )
+    count = query.shape[0]
+    agreement = torch.nn.functional.cosine_similarity(query.float(), key[:count].float()).mean()
     return loss, {"positive_cosine": agreement.detach()}
 
 
+def dropout_views(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views (B, D) of each of B tokenized texts: one forward of the batch stacked on
+    itself, so each copy gets its own dropout mask."""
+    doubled = {name: torch.cat([value, value]) for name, value in inputs.items()}
+    first, second = model(doubled).chunk(2)
+    return first, second
+
+
+def dropout_views_loss(
+    model, inputs: dict, *, temperature: float, backend: str, gather: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """Unsupervised SimCSE on one batch of tokenized texts (B rows)."""
+    return pair_loss(
+        *dropout_views(model, inputs), temperature=temperature, backend=backend, gather=gather
+    )
+
+
 def hard_negative_loss(
-    model, inputs: dict, count: int, *, temperature: float, backend: str
+    model, inputs: dict, count: int, *, temperature: float, backend: str, gather: bool = False
 ) -> tuple[torch.Tensor, dict]:
     """Supervised SimCSE: rows [anchors (N); positives (N); hard negatives (K)] of
     ``inputs``; keys are positives then negatives (M = N + K), labels default arange(N)."""
     vectors = model(inputs)
-    anchors, keys = vectors[:count], vectors[count:]
-    loss = kdk.info_nce_loss(anchors, keys, temperature=temperature, backend=backend)
-    agreement = torch.nn.functional.cosine_similarity(anchors.float(), keys[:count].float()).mean()
-    return loss, {"positive_cosine": agreement.detach()}
+    return pair_loss(
+        vectors[:count], vectors[count:], temperature=temperature, backend=backend, gather=gather
+    )
 
 
 def contrastive_stage(
@@ -116,17 +145,39 @@ def contrastive_stage(
     """One SimCSE stage on texts (unsupervised) or :class:`Triple` s (supervised)."""
     config = runtime.config
     assert isinstance(config, SentenceConfig)
-    options = {"temperature": config.temperature, "backend": config.loss_backend}
+    options = {
+        "temperature": config.temperature,
+        "backend": config.loss_backend,
+        "gather": config.gather_negatives,
+    }
+
+    def text_rows(texts: Sequence[str]) -> dict:
+        return text_inputs(tokenizer, texts, config.max_length, runtime.device)
+
+    def triple_rows(triples: Sequence[Triple]) -> tuple[dict, int, int]:
+        texts = [t.anchor for t in triples] + [t.positive for t in triples]
+        negatives = [t.negative for t in triples if t.negative is not None]
+        return text_rows(texts + negatives), len(triples), len(negatives)
+
+    def triple_views(wrapped, rows: tuple[dict, int, int]) -> list[torch.Tensor]:
+        """Anchors, positives, hard negatives of the triples: one forward pass."""
+        inputs, count, negatives = rows
+        return list(wrapped(inputs).split([count, count, negatives]))
 
     def loss_fn(wrapped, batch: list[int]):
         picked = [data[i] for i in batch]
+        chunk = config.grad_cache_chunk
         if isinstance(picked[0], str):
-            inputs = text_inputs(tokenizer, picked, config.max_length, runtime.device)
-            return dropout_views_loss(wrapped, inputs, **options)
-        texts = [t.anchor for t in picked] + [t.positive for t in picked]
-        texts += [t.negative for t in picked if t.negative is not None]
-        inputs = text_inputs(tokenizer, texts, config.max_length, runtime.device)
-        return hard_negative_loss(wrapped, inputs, len(picked), **options)
+            (first, second), finish = contrastive_views(
+                wrapped, picked, chunk, text_rows, dropout_views
+            )
+            loss, logs = pair_loss(first, second, **options)
+        else:
+            (anchors, positives, negatives), finish = contrastive_views(
+                wrapped, picked, chunk, triple_rows, triple_views
+            )
+            loss, logs = pair_loss(anchors, torch.cat([positives, negatives]), **options)
+        return finish(loss), logs
 
     def plan(epoch: int) -> list[list[int]]:
         return shuffled_batches(len(data), config.batch_size, config.seed, epoch)

@@ -11,6 +11,8 @@ One PLM alternates between its two forms on unlabeled sentence pairs (a_i, b_i):
     step 3  cross -> bi: pseudo-scores t_i = sigmoid(cross(a_i, b_i)); the bi-encoder (the
             cross-encoder's encoder weights) is trained with MSE(cos(e(a_i), e(b_i)), t_i)
             (stage ``bi_C``).
+Both bi-encoder steps take ``grad_cache_chunk`` (GradCache: a batch embedded a chunk at a time,
+same loss and gradient) and step 1 ``gather_negatives`` (under torchrun).
 Steps 2-3 repeat for ``cycles`` cycles. With ``model2`` (mutual distillation) both PLMs run
 every step, and each learns from the two models' averaged pseudo-scores (stages get ``_a`` /
 ``_b``). ``bi_to_cross_loss`` / ``cross_to_bi_loss`` swap BCE and MSE for the paper's
@@ -41,6 +43,7 @@ from kd_trainers.sentence import (
     SentenceConfig,
     build_encoder,
     check_pooling,
+    contrastive_views,
     cosine_scores,
     evaluate_bi_encoder,
     evaluating,
@@ -235,13 +238,22 @@ class TransEncoder:
         """Step 3: both texts of a batch's pairs in one forward, cosine against the target."""
         config, device = self.config, self.runtime.device
 
+        def pair_rows(pairs: Sequence[tuple[str, str]]) -> dict:
+            texts = [a for a, _ in pairs] + [b for _, b in pairs]
+            return text_inputs(self.tokenizer, texts, config.max_length, device)
+
         def loss_fn(wrapped, batch: list[int]):
-            texts = [self.pairs[i][0] for i in batch] + [self.pairs[i][1] for i in batch]
-            vectors = wrapped(text_inputs(self.tokenizer, texts, config.max_length, device))
-            first, second = vectors.float().chunk(2)
-            cosines = F.cosine_similarity(first, second, dim=-1)
+            # Both texts of a chunk's pairs in one forward; GradCache with grad_cache_chunk.
+            (first, second), finish = contrastive_views(
+                wrapped,
+                [self.pairs[i] for i in batch],
+                config.grad_cache_chunk,
+                pair_rows,
+                lambda model, inputs: model(inputs).chunk(2),
+            )
+            cosines = F.cosine_similarity(first.float(), second.float(), dim=-1)
             gold = targets[batch].to(device)
-            return bi_loss(cosines, gold, config.cross_to_bi_loss), {}
+            return finish(bi_loss(cosines, gold, config.cross_to_bi_loss)), {}
 
         return run_stage(
             self.runtime,
