@@ -1,0 +1,582 @@
+#!/usr/bin/env python
+"""Compiles every Triton kernel natively, exactly as the launchers configure it, without a GPU.
+
+The project's own launch code runs on stand-in (``meta``) tensors under a stand-in Triton
+driver whose target is sm_90 (H100/H200) or sm_80 (A100): ``kernel[grid](...)`` only compiles
+(Triton's warm-up path) and is recorded with its grid. Inputs of any size cost no memory: the
+launchers read only shapes, strides, dtypes and the pointers' alignment (a meta tensor's
+``data_ptr`` is its byte offset, so views can be misaligned on purpose).
+
+For each compiled kernel it reads Triton's bundled ``cuobjdump`` (registers, stack, shared
+memory), the SASS (spill stores = ``STL``: ptxas puts spills in the stack frame) and the PTX
+(widest global load and store, tensor-core instructions), and per case the grid against
+CUDA's limits with a static occupancy estimate: programs, programs per SM (registers, shared
+memory, warps), waves on the chip. It exits non-zero on a compile error, a launcher error
+or an exceeded limit (``--max-spills N`` also fails on spill stores above N).
+
+    python scripts/check_triton.py                 # the CI table, sm_90 and sm_80
+    python scripts/check_triton.py --full          # the whole table (a few minutes)
+    python scripts/check_triton.py --only kd_loss --arch 90 --json out.json
+
+Run it with TRITON_INTERPRET unset. A second Triton version: ``pip install --no-deps
+--target DIR triton==3.6.0`` and ``PYTHONPATH=DIR python scripts/check_triton.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("check_triton: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.driver import CudaDriver
+from triton.runtime.driver import driver as triton_driver
+from triton.runtime.jit import JITFunction
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kd_kernels.triton import info_nce as info_nce_triton  # noqa: E402
+from kd_kernels.triton import kd_loss as kd_loss_triton  # noqa: E402
+from kd_kernels.triton import layer_mse as layer_mse_triton  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What one GPU generation allows a program (CUDA occupancy calculator numbers)."""
+
+    name: str
+    capability: int
+    sms: int
+    shared_per_block: int  # opt-in maximum
+    shared_per_sm: int
+    registers_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+
+
+ARCHS = {
+    90: Arch("sm_90 (H100/H200)", 90, 132, 227 * 1024, 228 * 1024),
+    80: Arch("sm_80 (A100)", 80, 108, 163 * 1024, 164 * 1024),
+}
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+class StandInDriver:
+    """A Triton driver with no device: it names a target and nothing else, so kernels compile
+    for it through Triton's own pipeline (TTIR, TTGIR, LLVM, PTX, ptxas)."""
+
+    def __init__(self, arch: Arch):
+        self.target = GPUTarget("cuda", arch.capability, 32)
+
+    def get_current_device(self) -> int:
+        return self.target.arch  # one JIT cache per architecture
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("meta")
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return CudaDriver.map_python_to_cpp_type(self, ty)
+
+    def get_benchmarker(self):
+        raise RuntimeError("check_triton: nothing runs under the stand-in driver")
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: str
+    grid: tuple[int, ...]
+    num_warps: int
+    constexprs: dict
+    compiled: object
+
+
+class CompileOnly:
+    """Within the block, ``kernel[grid](...)`` compiles for ``arch`` and records the launch."""
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        self.launches: list[Launch] = []
+
+    def __enter__(self) -> CompileOnly:
+        self._run = JITFunction.run
+        launches = self.launches
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            compiled = self._run(fn, *args, grid=grid, warmup=True, **kwargs)
+            if callable(grid):
+                raise RuntimeError("check_triton: callable grids are not recorded")
+            shown = {k: v for k, v in kwargs.items() if k.isupper() or k == "num_stages"}
+            launches.append(
+                Launch(fn.fn.__name__, tuple(grid), kwargs.get("num_warps", 4), shown, compiled)
+            )
+            return compiled
+
+        JITFunction.run = run
+        self._previous = triton_driver._active  # None: no driver (what a CPU machine has)
+        triton_driver.set_active(StandInDriver(self.arch))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        JITFunction.run = self._run
+        triton_driver._active = self._previous
+
+
+# --- reading the compiled kernel ----------------------------------------------------------
+
+_LOAD = re.compile(r"\bld\.global(?:\.[a-z0-9:_]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
+_STORE = re.compile(r"\bst\.global(?:\.[a-z0-9:_]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
+
+
+def _widest(pattern: re.Pattern, ptx: str) -> int:
+    """Widest global access in bits (vector lanes x element bits), 0 when there is none."""
+    widths = [int(v or 1) * int(bits) for v, bits in pattern.findall(ptx)]
+    return max(widths, default=0)
+
+
+@dataclasses.dataclass
+class Resources:
+    registers: int
+    stack: int
+    shared: int
+    spill_stores: int
+    widest_load: int
+    widest_store: int
+    tensor_cores: str
+
+
+_resource_cache: dict[int, Resources] = {}
+
+
+def resources(compiled) -> Resources:
+    key = id(compiled)
+    if key in _resource_cache:
+        return _resource_cache[key]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [BIN / "cuobjdump", "--dump-resource-usage", cubin],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [BIN / "cuobjdump", "--dump-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+
+    def field(name: str) -> int:
+        found = re.search(rf"\b{name}:(\d+)", usage)
+        return int(found.group(1)) if found else 0
+
+    ptx = compiled.asm["ptx"]
+    cores = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "-")
+    found = Resources(
+        registers=field("REG"),
+        stack=field("STACK"),
+        # cuobjdump shows static shared memory; Triton's dynamic share is in the metadata.
+        shared=max(field("SHARED"), int(compiled.metadata.shared)),
+        spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
+        widest_load=_widest(_LOAD, ptx),
+        widest_store=_widest(_STORE, ptx),
+        tensor_cores=cores,
+    )
+    _resource_cache[key] = found
+    return found
+
+
+def occupancy(arch: Arch, res: Resources, num_warps: int) -> int:
+    """Programs that fit on one SM at once (0: the kernel does not fit)."""
+    regs_per_warp = -(-max(res.registers, 1) * 32 // 256) * 256  # allocated per warp, by 256
+    by_registers = arch.registers_per_sm // (regs_per_warp * num_warps)
+    by_shared = arch.shared_per_sm // (res.shared + 1024) if res.shared else 10**9
+    by_warps = arch.max_warps_per_sm // num_warps
+    return min(by_registers, by_shared, by_warps, arch.max_blocks_per_sm)
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Case:
+    family: str
+    name: str
+    launch: Callable[[], None]
+    # Bytes an ideal implementation moves (one read of each input, one write of each output).
+    ideal_bytes: int = 0
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def kd_loss_case(
+    rows: int,
+    classes: int,
+    teachers: int = 1,
+    kind: str = "kl",
+    dtype: str = "bf16",
+    labels: bool = False,
+    mask: bool = False,
+    hard: bool = False,
+    grad: str = "buffer",
+    family: str = "kd_loss",
+) -> Case:
+    """kd_loss as the op launches it: teacher (K, N, C), grad a fresh buffer or the student."""
+    torch_dtype = DTYPES[dtype]
+
+    def launch() -> None:
+        student = meta(rows, classes, dtype=torch_dtype)
+        teacher = meta(teachers, rows, classes, dtype=torch_dtype)
+        label_ids = meta(rows, dtype=torch.int64) if (labels or hard) else None
+        row_mask = meta(rows, dtype=torch.bool) if mask else None
+        gradient = {"buffer": torch.empty_like(student), "student": student, "none": None}[grad]
+        kd_loss_triton._launch_kd_loss(
+            student,
+            teacher,
+            label_ids,
+            row_mask,
+            2.0,
+            kind,
+            1.0,
+            0.5 if hard else 0.0,
+            0.5,
+            True,
+            -100,
+            gradient,
+        )
+
+    size = torch.tensor([], dtype=torch_dtype).element_size()
+    ideal = rows * classes * size * (1 + teachers + (grad != "none"))
+    name = (
+        f"N={rows} C={classes} K={teachers} {kind} {dtype}"
+        + (" labels" if labels else "")
+        + (" mask" if mask else "")
+        + (" hard" if hard else "")
+        + ("" if grad == "buffer" else f" grad={grad}")
+    )
+    return Case(family, name, launch, ideal)
+
+
+def kd_loss_cases(full: bool) -> Iterator[Case]:
+    vocabularies = (2, 3, 32000, 50257, 128256, 262144)
+    row_counts = (1, 8, 1024, 16384) if full else (8, 1024)
+    for classes in vocabularies:
+        for rows in row_counts:
+            yield kd_loss_case(rows, classes)
+    # N * C past 2^31 (int64 offsets), without allocating.
+    yield kd_loss_case(16384, 262144, teachers=1)
+    for teachers in (1, 2, 3, 4, 5, 6, 7, 8, 16) if full else (2, 3, 5):
+        for rows, classes in ((1024, 2), (4096, 32000)) if full else ((1024, 2), (64, 32000)):
+            yield kd_loss_case(rows, classes, teachers=teachers)
+    yield kd_loss_case(4096, 262144, teachers=4)  # teacher 2 starts past 2^31 elements
+    kinds = ("kl", "soft_ce", "reverse_kl", "jsd")
+    for kind in kinds:
+        for dtype in DTYPES if full else ("bf16", "fp32"):
+            for rows, classes in ((1024, 3), (64, 128256)):
+                yield kd_loss_case(rows, classes, kind=kind, dtype=dtype)
+    for labels, mask, hard in ((True, False, False), (False, True, False), (True, True, True)):
+        yield kd_loss_case(512, 32000, labels=labels, mask=mask, hard=hard, dtype="fp16")
+        if full:
+            yield kd_loss_case(1024, 2, labels=labels, mask=mask, hard=hard, kind="jsd")
+    yield kd_loss_case(2048, 32000, grad="student")  # inplace_grad
+    yield kd_loss_case(2048, 32000, grad="none", kind="reverse_kl")  # no gradient wanted
+
+
+def fused_linear_cases(full: bool) -> Iterator[Case]:
+    """fused_linear_kd_loss's row chunks: the kd_loss kernel over a chunk of fresh logits,
+    gradient written over them (chunk rows as fused_linear._chunk_sizes picks on a GPU)."""
+    from kd_kernels.fused_linear import _chunk_sizes
+
+    for vocab in (32000, 128256, 262144) if full else (128256,):
+        rows, _ = _chunk_sizes(None, 16384, vocab, torch.device("cuda"))
+        for dtype in ("bf16", "fp32") if full else ("bf16",):
+            yield kd_loss_case(
+                rows, vocab, dtype=dtype, labels=True, hard=True, grad="student",
+                family="fused_linear_kd",
+            )  # fmt: skip
+
+
+def layer_mse_case(
+    layers: int,
+    batch: int,
+    heads: int,
+    length: int,
+    columns: int,
+    dtype: str = "bf16",
+    mask: bool = False,
+    threshold: bool = False,
+    backward: bool = False,
+    misaligned: bool = False,
+) -> Case:
+    """One launch over ``layers`` maps (B, H, L, columns): attention (columns = L) or hidden
+    states (H = 1, columns = D)."""
+    torch_dtype = DTYPES[dtype]
+
+    def launch() -> None:
+        shape = (batch, heads, length, columns)
+        if misaligned:  # a view one element past a 16-byte boundary
+            student = [meta(batch * heads * length * columns + 1, dtype=torch_dtype)[1:]]
+            student = [s.view(shape) for s in student * layers]
+        else:
+            student = [meta(*shape, dtype=torch_dtype) for _ in range(layers)]
+        teacher = [meta(*shape, dtype=torch_dtype) for _ in range(layers)]
+        key_mask = meta(batch, length, dtype=torch.bool) if mask else None
+        rows = layers * batch * heads * length
+        cut = -1e2 if threshold else None
+        mask_columns = columns == length
+        if backward:
+            grad = [torch.empty_like(s) for s in student]
+            layer_mse_triton._launch(
+                student, teacher, key_mask, cut, mask_columns, None, meta(rows), grad
+            )
+        else:
+            layer_mse_triton._launch(
+                student, teacher, key_mask, cut, mask_columns, meta(rows), None, []
+            )
+
+    size = torch.tensor([], dtype=torch_dtype).element_size()
+    elements = layers * batch * heads * length * columns
+    ideal = elements * size * (3 if backward else 2)
+    kind = "attention" if columns == length else "hidden"
+    name = (
+        f"{kind} layers={layers} B={batch} H={heads} L={length} cols={columns} {dtype}"
+        + (" mask" if mask else "")
+        + (" threshold" if threshold else "")
+        + (" misaligned" if misaligned else "")
+        + (" bwd" if backward else " fwd")
+    )
+    return Case("layer_mse", name, launch, ideal)
+
+
+def layer_mse_cases(full: bool) -> Iterator[Case]:
+    lengths = (50, 128, 512) if full else (50, 128)
+    for backward in (False, True):
+        for layers in (1, 4, 12) if full else (4,):
+            for length in lengths:
+                yield layer_mse_case(layers, 8, 12, length, length, threshold=True, mask=True,
+                                     backward=backward)  # fmt: skip
+            for dim in (312, 768, 1024) if full else (312, 768):
+                yield layer_mse_case(layers, 8, 1, 128, dim, mask=True, backward=backward)
+        for dtype in DTYPES if full else ("fp32",):
+            yield layer_mse_case(4, 8, 12, 128, 128, dtype=dtype, backward=backward)
+        yield layer_mse_case(4, 8, 1, 128, 768, misaligned=True, backward=backward)
+
+
+def info_nce_case(
+    rows: int, dim: int, dtype: str = "bf16", cosine: bool = True, keys: int | None = None
+) -> Case:
+    """Forward and the two backward kernels (symmetric = both directions of the same pair)."""
+    torch_dtype = DTYPES[dtype]
+    keys = keys or rows
+
+    def launch() -> None:
+        query, key = meta(rows, dim, dtype=torch_dtype), meta(keys, dim, dtype=torch_dtype)
+        labels = meta(rows, dtype=torch.int64)
+        temperature = meta(dtype=torch.float32)
+        loss, lse = info_nce_triton.launch_forward(query, key, labels, temperature, cosine)
+        info_nce_triton.launch_backward(loss, query, key, labels, temperature, lse, cosine)
+
+    size = torch.tensor([], dtype=torch_dtype).element_size()
+    ideal = (rows + keys) * dim * size * 2  # read q, k; write their gradients
+    similarity = "cosine" if cosine else "dot"
+    return Case("info_nce", f"N={rows} M={keys} D={dim} {similarity} {dtype}", launch, ideal)
+
+
+def info_nce_cases(full: bool) -> Iterator[Case]:
+    sizes = (1024, 65536, 1048576) if full else (4096, 1048576)
+    for rows in sizes:
+        for dim in (64, 256, 768, 1024) if full else (768,):
+            yield info_nce_case(rows, dim)
+    for dtype in DTYPES:
+        for cosine in (True, False) if full else (True,):
+            yield info_nce_case(4096, 256, dtype=dtype, cosine=cosine)
+    yield info_nce_case(4096, 768, keys=3 * 4096)  # hard negatives
+    yield info_nce_case(33, 40, dtype="fp16", keys=70)  # odd, tiny
+
+
+FAMILIES = {
+    "kd_loss": kd_loss_cases,
+    "layer_mse": layer_mse_cases,
+    "info_nce": info_nce_cases,
+    "fused_linear_kd": fused_linear_cases,
+}
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def check_case(case: Case, arch: Arch, max_spills: int | None) -> dict:
+    started = time.perf_counter()
+    result: dict = {"family": case.family, "case": case.name, "arch": arch.capability}
+    with CompileOnly(arch) as recorder:
+        try:
+            case.launch()
+        except Exception as error:  # a compile error surfaces here too
+            result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:400]
+            result["traceback"] = traceback.format_exc(limit=-3)
+    kernels = []
+    problems = []
+    for launch in recorder.launches:
+        res = resources(launch.compiled)
+        programs = 1
+        for extent in launch.grid:
+            programs *= extent
+        per_sm = occupancy(arch, res, launch.num_warps)
+        kernels.append(
+            {
+                "kernel": launch.kernel,
+                "hash": launch.compiled.hash,
+                "grid": list(launch.grid),
+                "num_warps": launch.num_warps,
+                "constexprs": {k: str(v) for k, v in launch.constexprs.items()},
+                **dataclasses.asdict(res),
+                "programs": programs,
+                "programs_per_sm": per_sm,
+                "waves": round(programs / max(per_sm * arch.sms, 1), 2),
+            }
+        )
+        if any(e > limit for e, limit in zip(launch.grid, MAX_GRID, strict=False)):
+            problems.append(f"{launch.kernel}: grid {launch.grid} exceeds CUDA's {MAX_GRID}")
+        if res.shared > arch.shared_per_block:
+            problems.append(
+                f"{launch.kernel}: {res.shared} B shared > {arch.shared_per_block} B limit"
+            )
+        if per_sm == 0:
+            problems.append(f"{launch.kernel}: does not fit on one SM")
+        if max_spills is not None and res.spill_stores > max_spills:
+            problems.append(f"{launch.kernel}: {res.spill_stores} spill stores > {max_spills}")
+    if not kernels and "error" not in result:
+        problems.append("the launcher compiled no kernel")
+    result["kernels"] = kernels
+    result["ideal_bytes"] = case.ideal_bytes
+    result["problems"] = problems
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _row(result: dict, kernel: dict | None) -> str:
+    head = f"sm_{result['arch']} {result['family']:<15} {result['case']:<58}"
+    if kernel is None:
+        return f"{head} ERROR {result.get('error', '')}"
+    k = kernel
+    return (
+        f"{head} {k['kernel'][:28]:<28} grid={'x'.join(map(str, k['grid'])):<12} "
+        f"w={k['num_warps']} reg={k['registers']:<3} spill={k['spill_stores']:<4} "
+        f"smem={k['shared'] // 1024}K ld={k['widest_load']}b st={k['widest_store']}b "
+        f"tc={k['tensor_cores']:<5} prog/SM={k['programs_per_sm']} waves={k['waves']}"
+    )
+
+
+_TABLE: tuple[bool, int | None] = (False, None)
+
+
+def _check_one(work: tuple[int, str, int]) -> dict:
+    capability, family, index = work
+    full, max_spills = _TABLE
+    case = list(FAMILIES[family](full))[index]
+    return check_case(case, ARCHS[capability], max_spills)
+
+
+class _InProcess:
+    """The Pool interface, in this process (--jobs 1)."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the whole table")
+    parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families")
+    parser.add_argument("--arch", nargs="+", type=int, choices=sorted(ARCHS), default=[90, 80])
+    parser.add_argument("--max-spills", type=int, default=None, help="fail above this many")
+    parser.add_argument("--json", type=Path, help="write every result here")
+    parser.add_argument("--quiet", action="store_true", help="print only problems and totals")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    args = parser.parse_args(argv)
+    print(f"check_triton: triton {triton.__version__} ({Path(triton.__file__).parent}), "
+          f"torch {torch.__version__}")  # fmt: skip
+    started = time.perf_counter()
+    work = [
+        (capability, family, index)
+        for capability in args.arch
+        for family in args.only or FAMILIES
+        for index, _ in enumerate(FAMILIES[family](args.full))
+    ]
+    global _TABLE
+    _TABLE = (args.full, args.max_spills)
+    results = []
+    # Compiles are single-threaded (Triton's passes, ptxas): a forked pool runs them in
+    # parallel; the stand-in driver and every tensor are per process.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(args.jobs) if args.jobs > 1 else _InProcess() as pool:
+        for result in pool.imap(_check_one, work):
+            results.append(result)
+            bad = "error" in result or result["problems"]
+            if not args.quiet or bad:
+                for kernel in result["kernels"] or [None]:
+                    print(_row(result, kernel), flush=True)
+                for problem in result["problems"]:
+                    print(f"    PROBLEM {problem}", flush=True)
+    errors = sum("error" in r for r in results)
+    problems = sum(len(r["problems"]) for r in results)
+    compiled = len({k["hash"] for r in results for k in r["kernels"]})
+    worst = {}
+    for r in results:
+        for k in r["kernels"]:
+            key = (r["arch"], r["family"], k["kernel"])
+            best = worst.get(key, (0, 0, 1e9))
+            worst[key] = (
+                max(best[0], k["registers"]),
+                max(best[1], k["spill_stores"]),
+                min(best[2], k["widest_load"]),
+            )
+    print("\nper kernel family (max registers, max spill stores, narrowest widest-load):")
+    for (capability, family, kernel), (regs, spills, load) in sorted(worst.items()):
+        print(f"  sm_{capability} {family:<15} {kernel:<32} reg<={regs} spills<={spills} "
+              f"ld>={load}b")  # fmt: skip
+    print(
+        f"\ncheck_triton: {len(results)} cases, {compiled} kernels compiled, "
+        f"{errors} compile/launcher errors, {problems} limit problems, "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"triton": triton.__version__, "results": results}))
+    return 1 if errors or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
