@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import os
+import time
 from dataclasses import asdict
 
 import torch
@@ -54,17 +55,40 @@ def device_limits(device: str) -> dict:
     }
 
 
-def run(suites: list[OpSuite], args: argparse.Namespace) -> dict:
+def run(suites: list[OpSuite], args: argparse.Namespace, on_case=None) -> dict:
+    """Measures every (op, case, mode, implementation); ``on_case(payload)`` after each case
+    (the CLI saves there, so a run cut short keeps what it measured). ``args.budget_s``:
+    cases that would start later are listed as skipped; ``args.cases_per_op``: the first K
+    cases of each op (the smallest: every op lists its cases in increasing size)."""
     dtype = getattr(torch, args.dtype)
     limits = device_limits(args.device)
     rows, skipped = [], {}
+    started = time.perf_counter()
+    budget_s = getattr(args, "budget_s", None)
+    cases_per_op = getattr(args, "cases_per_op", None)
+    payload = {
+        "benchmark": "kd_kernels suite",
+        "config": vars(args),
+        "machine": machine_info(args.device),
+        "device_limits": limits,
+        "memory_method": "cuda max_memory_allocated"
+        if args.device == "cuda"
+        else "torch.profiler raw [memory] events: running sum of CPU allocations and frees",
+        "skipped": skipped,
+        "results": rows,
+    }
     for suite in suites:
         impls, reasons = suite.implementations(args.device, args.quick)
         skipped[suite.op] = reasons
         for name, reason in reasons.items():
             print(f"[{suite.op}] skip {name}: {reason}")
         failed: set[str] = set()
-        for label, x, make_inputs in suite.cases(args.device, args.quick):
+        cases = suite.cases(args.device, args.quick)[:cases_per_op]
+        for label, x, make_inputs in cases:
+            if budget_s is not None and time.perf_counter() - started > budget_s:
+                reasons[f"case {label}"] = f"not run: past the {budget_s:.0f} s budget"
+                print(f"[{suite.op}] {label}: not run, past the budget")
+                continue
             inputs = make_inputs(dtype, args.device)
             wrt = suite.differentiable(inputs)
             for mode in args.modes:
@@ -90,17 +114,9 @@ def run(suites: list[OpSuite], args: argparse.Namespace) -> dict:
                         f"{result.peak_extra_mib:.1f} MiB"
                     )
             del inputs, wrt
-    return {
-        "benchmark": "kd_kernels suite",
-        "config": vars(args),
-        "machine": machine_info(args.device),
-        "device_limits": limits,
-        "memory_method": "cuda max_memory_allocated"
-        if args.device == "cuda"
-        else "torch.profiler raw [memory] events: running sum of CPU allocations and frees",
-        "skipped": skipped,
-        "results": rows,
-    }
+            if on_case is not None:
+                on_case(payload)
+    return payload
 
 
 def _throughput(suite: OpSuite, inputs, mode: str, median_ms: float, limits: dict) -> dict:
@@ -206,20 +222,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--quick", action="store_true", help="small sizes, no torch.compile")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
+    parser.add_argument("--cases-per-op", type=int, help="only the first (smallest) K cases")
+    parser.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
     add_common_arguments(parser, repeats=5, warmup=1)
     args = parser.parse_args(argv)
-    payload = run(load_suites(args.ops), args)
-    table = markdown(payload)
-    print(table)
-    if not args.no_save:
-        folder = args.out or os.path.join(os.path.dirname(__file__), "results", args.device)
+    folder = args.out or os.path.join(os.path.dirname(__file__), "results", args.device)
+    name = "suite_quick" if args.quick else "suite"
+
+    def save(payload: dict) -> None:
         os.makedirs(folder, exist_ok=True)
-        name = "suite_quick" if args.quick else "suite"
         with open(os.path.join(folder, f"{name}.json"), "w") as out:
             json.dump(payload, out, indent=2)
         with open(os.path.join(folder, f"{name}.md"), "w") as out:
-            out.write(table)
-        if not args.quick:
+            out.write(markdown(payload))
+
+    payload = run(load_suites(args.ops), args, on_case=None if args.no_save else save)
+    print(markdown(payload))
+    if not args.no_save:
+        save(payload)
+        if not args.quick and not args.no_plots:
             plots(payload, folder)
         print("wrote", folder)
     return payload

@@ -46,6 +46,20 @@ def device_for(backend: str) -> str:
     return "cuda" if torch.cuda.is_available() and backend in ("cuda", "triton") else "cpu"
 
 
+def pytest_ignore_collect(collection_path, config):
+    """Under ``-m cuda`` only the GPU test files (``tests/*_cuda.py``) are collected, so a GPU
+    run never imports the trainers or a test-only package (textbrewer, datasets, ...) that a
+    GPU image may lack. GPU tests therefore live in files named ``test_<topic>_cuda.py``."""
+    if (
+        config.option.markexpr.strip() == "cuda"
+        and collection_path.suffix == ".py"
+        and collection_path.name.startswith("test_")
+        and not collection_path.stem.endswith("_cuda")
+    ):
+        return True
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

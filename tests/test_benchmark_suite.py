@@ -64,3 +64,32 @@ def test_plots_are_written(quick_run):
     for path in paths:
         with open(path, "rb") as image:
             assert image.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_suite_summarises_test_logs_per_file(tmp_path):
+    """The GPU suite's per-file counts, from a verbose log cut short (a killed stage) and from
+    a --collect-only log (the dry run)."""
+    from benchmarks import gpu_suite
+
+    run_log = tmp_path / "run.log"
+    run_log.write_text(
+        "tests/test_a_cuda.py::test_x[(2, 9)-triton] PASSED                [ 1%]\n"
+        "tests/test_a_cuda.py::test_x[(3, 9)-triton] FAILED                [ 2%]\n"
+        "tests/test_b_cuda.py::test_y[cuda] PASSED                         [ 3%]\n"
+        "tests/test_b_cuda.py::test_z[cuda] "  # killed mid-line
+    )
+    assert gpu_suite.per_file_counts(run_log) == {
+        "tests/test_a_cuda.py": {"PASSED": 1, "FAILED": 1},
+        "tests/test_b_cuda.py": {"PASSED": 1},
+    }
+    assert gpu_suite.failed_tests(run_log) == ["tests/test_a_cuda.py::test_x[(3, 9)-triton]"]
+    collect_log = tmp_path / "collect.log"
+    collect_log.write_text(
+        "<Dir tests>\n  <Module test_a_cuda.py>\n    docstring\n"
+        "    <Function test_x[(2, 9)-triton]>\n    <Function test_x[(3, 9)-triton]>\n"
+        "  <Module test_b_cuda.py>\n    <Function test_y[cuda]>\n"
+    )
+    assert gpu_suite.per_file_counts(collect_log) == {
+        "test_a_cuda.py": {"collected": 2},
+        "test_b_cuda.py": {"collected": 1},
+    }
