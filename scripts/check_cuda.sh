@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-checks every csrc/cuda/*.cu for sm_80 and sm_90 with the flags torch's BuildExtension
-# passes, without a GPU and against the CPU torch wheel (objects are thrown away).
+# passes, without a GPU and against the CPU torch wheel (objects are thrown away), and reads
+# ptxas -v: registers and spill stores per kernel and architecture; any spill store fails.
 # Usage: PYTHON=/path/to/python scripts/check_cuda.sh   (default: python from PATH)
 set -euo pipefail
 
@@ -61,6 +62,7 @@ nvcc_flags=(
   # torch's own headers use C++20 bit-field initializers; silence only that, so any warning
   # that is printed comes from our code.
   -diag-suppress=3306 -Xcompiler -Wno-c++20-extensions
+  -Xptxas -v
 )
 
 echo "check_cuda: $("$nvcc_bin" --version | tail -n 1) (${#sources[@]} file(s), sm_80 + sm_90)"
@@ -79,14 +81,56 @@ for i in "${!sources[@]}"; do
 done
 wait
 
+# ptxas -v lines ("ptxas info ...", "N bytes stack frame, N bytes spill stores, ...") become
+# a table; everything else in a log is a compiler message and is shown.
+summarise_ptxas() {
+  "$PYTHON" - "$1" <<'PY'
+import re, subprocess, sys
+kernel = arch = None
+rows, other = {}, []
+for line in open(sys.argv[1], errors="replace"):
+    if found := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
+        kernel, arch = found.groups()
+    elif found := re.search(r"(\d+) bytes spill stores", line):
+        rows.setdefault((kernel, arch), {})["spills"] = int(found.group(1))
+    elif found := re.search(r"Used (\d+) registers", line):
+        rows.setdefault((kernel, arch), {})["registers"] = int(found.group(1))
+    elif not line.startswith("ptxas info") and "bytes stack frame" not in line:
+        if line.strip():
+            other.append(line.rstrip())
+names = sorted({k for k, _ in rows})
+try:
+    demangled = subprocess.run(["c++filt", *names], capture_output=True, text=True).stdout
+    pretty = dict(zip(names, demangled.splitlines()))
+except OSError:
+    pretty = {}
+spilled = 0
+for (name, arch), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
+    spills = row.get("spills", 0)
+    spilled += spills > 0
+    short = pretty.get(name, name).replace("(anonymous namespace)::", "")
+    depth, cut = 0, len(short)
+    for index, char in enumerate(short):  # drop the argument list, keep template arguments
+        depth += (char == "<") - (char == ">")
+        if char == "(" and depth == 0:
+            cut = index
+            break
+    short = short[:cut].removeprefix("void ")[:110]
+    flag = "  SPILLS" if spills else ""
+    print(f"    {arch} reg={row.get('registers', 0):<3} spill={spills:<4} {short}{flag}")
+for line in other:
+    print(f"    {line}")
+sys.exit(1 if spilled else 0)
+PY
+}
+
 failed=0
 for i in "${!sources[@]}"; do
   if [[ "$(cat "$work_dir/$i.rc" 2>/dev/null || echo 1)" == 0 ]]; then
-    if [[ -s "$work_dir/$i.log" ]]; then
-      echo "ok (with warnings)  ${sources[$i]}"
-      sed 's/^/    /' "$work_dir/$i.log"
-    else
-      echo "ok      ${sources[$i]}"
+    echo "ok      ${sources[$i]}"
+    if ! summarise_ptxas "$work_dir/$i.log"; then
+      failed=1
+      echo "FAILED  ${sources[$i]}: spill stores (see SPILLS above)"
     fi
   else
     failed=1
