@@ -98,27 +98,26 @@ __device__ __forceinline__ acc_t row_partial(const scalar_t* __restrict__ s_row,
 #pragma unroll
       for (int j = 0; j < VEC; ++j) any = any || counted.v[j] != 0;
     }
-    Pack<scalar_t, VEC> grad;
     if (!any) {
-      if constexpr (!BACKWARD) continue;
+      if constexpr (BACKWARD) store_pack<VEC>(g_row + pk * VEC, Pack<scalar_t, VEC>{});
+      continue;
+    }
+    const auto s = load_pack<VEC>(s_row + pk * VEC);
+    const auto t = load_pack<VEC>(t_row + pk * VEC);
+    // Each lane's result is built and stored in one straight-line block: a pack assigned in
+    // two branches and stored after them was kept in local memory (ptxas spill stores).
+    Pack<scalar_t, VEC> grad;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t x = static_cast<acc_t>(s.v[j]), y = static_cast<acc_t>(t.v[j]);
+      const bool x_cut = use_threshold && x <= threshold;  // false for NaN: NaN propagates
+      const bool y_cut = use_threshold && y <= threshold;
+      const acc_t d = (x_cut ? acc_t(0) : x) - (y_cut ? acc_t(0) : y);
+      const bool is_counted = col_mask == nullptr || counted.v[j] != 0;
+      if constexpr (BACKWARD)
+        grad.v[j] = static_cast<scalar_t>(is_counted && !x_cut ? two_g * d : acc_t(0));
       else
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) grad.v[j] = static_cast<scalar_t>(acc_t(0));
-    } else {
-      const auto s = load_pack<VEC>(s_row + pk * VEC);
-      const auto t = load_pack<VEC>(t_row + pk * VEC);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t x = static_cast<acc_t>(s.v[j]), y = static_cast<acc_t>(t.v[j]);
-        const bool x_cut = use_threshold && x <= threshold;  // false for NaN: NaN propagates
-        const bool y_cut = use_threshold && y <= threshold;
-        const acc_t d = (x_cut ? acc_t(0) : x) - (y_cut ? acc_t(0) : y);
-        const bool is_counted = col_mask == nullptr || counted.v[j] != 0;
-        if constexpr (BACKWARD)
-          grad.v[j] = static_cast<scalar_t>(is_counted && !x_cut ? two_g * d : acc_t(0));
-        else
-          sum += is_counted ? d * d : acc_t(0);
-      }
+        sum += is_counted ? d * d : acc_t(0);
     }
     if constexpr (BACKWARD) store_pack<VEC>(g_row + pk * VEC, grad);
   }

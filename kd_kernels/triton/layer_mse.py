@@ -1,9 +1,9 @@
 """Triton kernel of the fused layer MSE (TinyBERT attention-map and hidden-state MSE).
 
 All matched layers run in one launch: the kernel reads each layer's student, teacher and
-gradient base addresses from small int64 pointer tables (program axis 1 = layer), so a list of
-4 layers costs one launch, not 4. Layers of different shapes or strides (rare: HF models give
-every layer the same shape) form groups, one launch each.
+gradient base addresses from one small int64 table (program axis 1 = layer; one upload per
+launch), so a list of 4 layers costs one launch, not 4. Layers of different shapes or
+strides (rare: HF models give every layer the same shape) form groups, one launch each.
 
 A program owns BLOCK_R rows (b, h, r) of one layer and walks their columns in BLOCK_C chunks:
 attention rows (Lk = 128-512) get many rows per program, hidden rows (D = 768-1024) fewer.
@@ -28,10 +28,7 @@ MAX_BLOCK_COLUMNS = 1024
 
 @triton.jit
 def _layer_mse_kernel(
-    student_table,
-    teacher_table,
-    grad_table,
-    first_row_table,
+    table,
     student_witness,
     mask_ptr,
     row_sq_sum_ptr,
@@ -52,13 +49,16 @@ def _layer_mse_kernel(
     MASK_COLUMNS: tl.constexpr,
     BACKWARD: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     layer = tl.program_id(1)
-    # The tables hold raw addresses; the witness (the group's first student) gives their type.
-    student_base = tl.load(student_table + layer).to(student_witness.dtype)
-    teacher_base = tl.load(teacher_table + layer).to(student_witness.dtype)
+    num_layers = tl.num_programs(1)
+    # table (4, layers) int64: student, teacher, gradient addresses and first rows (one upload);
+    # the witness (the group's first student) gives the addresses their type.
+    student_base = tl.load(table + layer).to(student_witness.dtype)
+    teacher_base = tl.load(table + num_layers + layer).to(student_witness.dtype)
     if ALIGNED:  # every base is 16-byte aligned: lets the GPU use 128-bit loads
         student_base = tl.multiple_of(student_base, 16)
         teacher_base = tl.multiple_of(teacher_base, 16)
@@ -69,16 +69,26 @@ def _layer_mse_kernel(
     r = rows64 % rows_per_head
     h = (rows64 // rows_per_head) % heads
     b = rows64 // (rows_per_head * heads)
-    student_rows = student_base + b * s_stride_b + h * s_stride_h + r * s_stride_r
-    teacher_rows = teacher_base + b * t_stride_b + h * t_stride_h + r * t_stride_r
+    student_offset = b * s_stride_b + h * s_stride_h + r * s_stride_r
+    teacher_offset = b * t_stride_b + h * t_stride_h + r * t_stride_r
+    grad_offset = rows64 * columns
+    if ROW_ALIGN > 1:  # every row starts on a 16-byte boundary (the launcher checked strides)
+        # and C is a multiple of the vector: the column mask is uniform over each vector.
+        columns = tl.multiple_of(columns, ROW_ALIGN)
+        student_offset = tl.multiple_of(student_offset, ROW_ALIGN)
+        teacher_offset = tl.multiple_of(teacher_offset, ROW_ALIGN)
+        grad_offset = tl.multiple_of(grad_offset, ROW_ALIGN)
+    student_rows = student_base + student_offset
+    teacher_rows = teacher_base + teacher_offset
     counted_row = row_in_range
     if HAS_MASK:
         real = tl.load(mask_ptr + b * rows_per_head + r, mask=row_in_range, other=0)
         counted_row = counted_row & (real != 0)
-    first_row = tl.load(first_row_table + layer)
+    first_row = tl.load(table + 3 * num_layers + layer)
     if BACKWARD:
-        grad_base = tl.load(grad_table + layer).to(student_witness.dtype)
-        grad_rows = grad_base + rows64 * columns
+        grad_base = tl.load(table + 2 * num_layers + layer).to(student_witness.dtype)
+        grad_base = tl.multiple_of(grad_base, 16)  # fresh torch allocations
+        grad_rows = grad_base + grad_offset
         # d out / d s = 2 g_row (s' - t'), g_row = d out / d row_sq_sum
         grad_scale = 2 * tl.load(grad_rows_ptr + first_row + rows64, mask=row_in_range, other=0.0)
 
@@ -113,8 +123,9 @@ def _layer_mse_kernel(
         tl.store(row_sq_sum_ptr + first_row + rows64, total, mask=row_in_range)
 
 
-def _address_table(addresses: list[int], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(addresses, dtype=torch.int64)
+def _upload_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The launch's (4, layers) int64 table of addresses and first rows, in one copy."""
+    table = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":  # pinned + non_blocking: no host sync for the copy
         return table.pin_memory().to(device, non_blocking=True)
     return table
@@ -138,18 +149,28 @@ def _launch_group(
     device = s0.device
     student_addresses = [student[i].data_ptr() for i in layer_ids]
     teacher_addresses = [teacher[i].data_ptr() for i in layer_ids]
-    grad_addresses = [grad[i].data_ptr() for i in layer_ids] if grad else [0]
-    aligned = all(a % 16 == 0 for a in student_addresses + teacher_addresses)
+    grad_addresses = [grad[i].data_ptr() for i in layer_ids] if grad else [0] * len(layer_ids)
+    aligned = all(a % 16 == 0 for a in student_addresses + teacher_addresses + grad_addresses)
+    # Elements per 16 bytes: when every row start is a multiple of it, rows load as 128-bit
+    # vectors; otherwise accesses are scalar, each with its own 64-bit address, so the tile is
+    # halved to stay within the register file (L = 50 spilled at 4096 elements).
+    vector = 16 // s0.element_size()
+    strides = (*s0.stride()[:3], *t0.stride()[:3], columns)
+    row_align = vector if aligned and all(x % vector == 0 for x in strides) else 1
+    tile = TILE_ELEMENTS if row_align > 1 else TILE_ELEMENTS // 2
     block_c = min(triton.next_power_of_2(max(columns, 1)), MAX_BLOCK_COLUMNS)
-    block_r = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(num_rows))
+    block_r = min(max(1, tile // block_c), triton.next_power_of_2(num_rows))
     if triton_interpreting():  # the interpreter pays per program: use fewer, larger tiles
         block_r = min(block_r * 8, triton.next_power_of_2(num_rows))
     grid = (triton.cdiv(num_rows, block_r), len(layer_ids))
+    table = [
+        student_addresses,
+        teacher_addresses,
+        grad_addresses,
+        [first_rows[i] for i in layer_ids],
+    ]
     _layer_mse_kernel[grid](
-        _address_table(student_addresses, device),
-        _address_table(teacher_addresses, device),
-        _address_table(grad_addresses, device),
-        _address_table([first_rows[i] for i in layer_ids], device),
+        _upload_table(table, device),
         s0,
         mask,
         row_sq_sum,
@@ -166,6 +187,7 @@ def _launch_group(
         MASK_COLUMNS=mask is not None and mask_columns,
         BACKWARD=grad_rows is not None,
         ALIGNED=aligned,
+        ROW_ALIGN=row_align,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=4,
