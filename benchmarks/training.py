@@ -32,17 +32,27 @@ from benchmarks._harness import (
     measure,
     report,
 )
+from kd_kernels.grad_cache import GradCache
 
 
-def tiny_bert(layers: int, hidden: int, device: str, dtype: torch.dtype, seed: int = 0):
+def tiny_bert(
+    layers: int,
+    hidden: int,
+    device: str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    *,
+    heads: int = 4,
+    vocab_size: int = 1000,
+):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=1000,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         intermediate_size=4 * hidden,
         attn_implementation="eager",
     )
@@ -50,35 +60,15 @@ def tiny_bert(layers: int, hidden: int, device: str, dtype: torch.dtype, seed: i
 
 
 def simcse_step(encoder, input_ids, chunk: int, backend: str, temperature: float = 0.05):
-    """One GradCache SimCSE step: two dropout views of every sentence, InfoNCE between them."""
-    cuda = input_ids.is_cuda
-
-    def encode(ids):
-        return encoder(input_ids=ids).last_hidden_state[:, 0]  # [CLS]
-
-    def rng_state():
-        return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
-
-    def restore(state):
-        torch.set_rng_state(state[0])
-        if cuda:
-            torch.cuda.set_rng_state(state[1])
-
-    chunks = input_ids.split(chunk)
-    views, states = ([], []), ([], [])
-    with torch.no_grad():
-        for ids in chunks:
-            for view, state in zip(views, states, strict=True):
-                state.append(rng_state())  # so that the re-encoding draws the same dropout
-                view.append(encode(ids))
-    view1, view2 = (torch.cat(view).requires_grad_(True) for view in views)
-    loss = kdk.info_nce_loss(view1, view2, temperature=temperature, backend=backend)
-    grads = torch.autograd.grad(loss, (view1, view2))
-    # Re-encode chunk by chunk with grad and back-propagate the cached embedding gradients.
-    for index, ids in enumerate(chunks):
-        for grad, state in zip(grads, states, strict=True):
-            restore(state[index])
-            encode(ids).backward(grad.split(chunk)[index])
+    """One GradCache SimCSE step (``kd_kernels.grad_cache``): two dropout views of every
+    sentence embedded ``chunk`` sentences at a time without gradient, InfoNCE between them, then
+    each chunk re-embedded (same dropout) and back-propagated with its cached gradient."""
+    pieces = list(input_ids.split(chunk))
+    cache = GradCache(lambda ids: encoder(input_ids=ids).last_hidden_state[:, 0])  # [CLS]
+    views = cache.embed(pieces + pieces)
+    view1, view2 = torch.cat(views[: len(pieces)]), torch.cat(views[len(pieces) :])
+    loss = cache.loss(kdk.info_nce_loss(view1, view2, temperature=temperature, backend=backend))
+    loss.backward()
     return loss.detach()
 
 
