@@ -84,3 +84,16 @@ def test_kd_loss_ensemble_offset_is_int64(native_kd_loss):
         if "arith.muli" in line and re.search(r"%stride_tk(?!\w)", line)
     ]
     assert i32_products == [], i32_products
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_info_nce_fp32_precision_follows_torch(monkeypatch, allow_tf32):
+    """fp32 InfoNCE is exact (ieee) unless the user allows TF32 matmuls, as torch does; half
+    inputs always use the tensor cores as they are."""
+    import torch
+
+    from kd_kernels.triton import info_nce as info_nce_triton
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    assert info_nce_triton._matmul_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    assert info_nce_triton._matmul_precision(torch.bfloat16) == "tf32"

@@ -359,19 +359,51 @@ def _inverse_norms(x: torch.Tensor, cosine: bool) -> torch.Tensor:
     return norms.clamp_min(NORMALIZE_EPS).reciprocal()
 
 
-def _launch_config(query: torch.Tensor, num_rows: int, num_keys: int, dim: int) -> dict:
+def _matmul_precision(dtype: torch.dtype) -> str:
+    """fp16 / bf16 feed the tensor cores as they are; fp32 stays exact ("ieee") unless the
+    user allows TF32 for matmuls (torch.backends.cuda.matmul.allow_tf32), as torch does."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for half inputs: their dot is exact products, fp32 sums
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _launch_config(
+    query: torch.Tensor, key: torch.Tensor, num_rows: int, num_keys: int, dim: int, backward: bool
+) -> dict:
+    """Tiles and warps per kernel, sized so that no kernel spills on sm_90 / sm_80
+    (scripts/check_triton.py): the backward's (BLOCK, BLOCK_DO) fp32 accumulator takes 8 warps
+    at BLOCK_DO = 256; exact fp32 ("ieee", no tensor cores) and rows that cannot load as
+    16-byte vectors (a stride not a multiple of 16 bytes: one 64-bit address per element)
+    take smaller tiles."""
     interpreting = triton_interpreting()
-    # Hopper: 64 x 64 similarity tiles over 64-wide slices of D; the interpreter pays per
-    # program, so it gets the largest tiles the (tiny) test shapes allow.
-    cap = 128 if interpreting else 64
-    return dict(
+    precision = _matmul_precision(query.dtype)
+    vector = 16 // query.element_size()
+    # Triton proves a masked row vector-wide only when D is a multiple of 16 (its integer
+    # specialisation) and the row starts are 16-byte aligned.
+    aligned = dim % 16 == 0 and all(
+        x.stride(1) == 1 and (x.stride(0) % vector == 0 or x.shape[0] == 1) for x in (query, key)
+    )
+    exact_fp32 = precision == "ieee"
+    if interpreting:  # the interpreter pays per program: the largest tiles the shapes allow
+        cap, cap_d, cap_do, warps = 128, 128, 256, 4
+    elif exact_fp32:
+        cap, cap_d, cap_do, warps = 32 if backward else 64, 32, 64, 4 if backward else 8
+    elif not aligned:
+        cap, cap_d, cap_do, warps = 64, 32, 128, 8
+    else:
+        cap, cap_d, cap_do, warps = 64, 64, 256, 8 if backward else 4
+    config = dict(
         BLOCK_N=max(16, min(cap, triton.next_power_of_2(num_rows))),
         BLOCK_M=max(16, min(cap, triton.next_power_of_2(num_keys))),
-        BLOCK_D=max(16, min(128 if interpreting else 64, triton.next_power_of_2(dim))),
+        BLOCK_D=max(16, min(cap_d, triton.next_power_of_2(dim))),
         UPCAST=interpreting and query.dtype == torch.bfloat16,
-        # fp32 input stays exact (no TF32); fp16/bf16 use the tensor cores as they are.
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        PRECISION=precision,
+        num_warps=warps,
     )
+    if backward:
+        # Output columns per program: each D / BLOCK_DO slice recomputes the similarity tiles.
+        config["BLOCK_DO"] = max(16, min(cap_do, triton.next_power_of_2(dim)))
+    return config
 
 
 def _check_dtype(query: torch.Tensor) -> None:
@@ -394,7 +426,7 @@ def launch_forward(
     col_scale = _inverse_norms(key, cosine)
     lse = torch.empty(num_rows, dtype=torch.float32, device=query.device)
     loss = torch.empty_like(lse)
-    config = _launch_config(query, num_rows, num_keys, dim)
+    config = _launch_config(query, key, num_rows, num_keys, dim, backward=False)
     grid = (triton.cdiv(num_rows, config["BLOCK_N"]),)
     _info_nce_forward_kernel[grid](
         query,
@@ -410,7 +442,6 @@ def launch_forward(
         *query.stride(),
         *key.stride(),
         **config,
-        num_warps=4,
     )
     return loss, lse
 
@@ -436,19 +467,14 @@ def launch_backward(
     col_scale_max = inv_k.amax().clamp_min(torch.finfo(torch.float32).tiny)
     u = torch.empty(num_rows, dim, dtype=torch.float32, device=query.device)
     v = torch.empty(num_keys, dim, dtype=torch.float32, device=query.device)
-    config = _launch_config(query, num_rows, num_keys, dim)
-    # 256 output columns per program: BERT-base's 768 costs three recomputations of the tiles.
-    block_do = max(16, min(256, triton.next_power_of_2(dim)))
+    config = _launch_config(query, key, num_rows, num_keys, dim, backward=True)
+    block_do = config["BLOCK_DO"]
     args = (query, key, labels, row_scale, inv_k, lse, row_factor)
     sizes = (num_rows, num_keys, dim, *query.stride(), *key.stride())
     grid_q = (triton.cdiv(num_rows, config["BLOCK_N"]), triton.cdiv(dim, block_do))
-    _info_nce_grad_query_kernel[grid_q](
-        *args, col_scale_max, u, *sizes, **config, BLOCK_DO=block_do, num_warps=4
-    )
+    _info_nce_grad_query_kernel[grid_q](*args, col_scale_max, u, *sizes, **config)
     grid_k = (triton.cdiv(num_keys, config["BLOCK_M"]), triton.cdiv(dim, block_do))
-    _info_nce_grad_key_kernel[grid_k](
-        *args, row_factor_max, v, *sizes, **config, BLOCK_DO=block_do, num_warps=4
-    )
+    _info_nce_grad_key_kernel[grid_k](*args, row_factor_max, v, *sizes, **config)
     q, k = query.to(torch.float32), key.to(torch.float32)
     q_dot_u, k_dot_v = (q * u).sum(1), (k * v).sum(1)
     grad_temperature = -q_dot_u.sum() / temperature
