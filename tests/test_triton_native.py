@@ -87,13 +87,19 @@ def test_kd_loss_ensemble_offset_is_int64(native_kd_loss):
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True])
-def test_info_nce_fp32_precision_follows_torch(monkeypatch, allow_tf32):
+def test_info_nce_fp32_precision_follows_torch(allow_tf32):
     """fp32 InfoNCE is exact (ieee) unless the user allows TF32 matmuls, as torch does; half
     inputs always use the tensor cores as they are."""
     import torch
 
     from kd_kernels.triton import info_nce as info_nce_triton
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
-    assert info_nce_triton._matmul_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
-    assert info_nce_triton._matmul_precision(torch.bfloat16) == "tf32"
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        fp32 = info_nce_triton._matmul_precision(torch.float32)
+        bf16 = info_nce_triton._matmul_precision(torch.bfloat16)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert fp32 == ("tf32" if allow_tf32 else "ieee")
+    assert bf16 == "tf32"
