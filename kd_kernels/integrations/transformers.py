@@ -140,9 +140,12 @@ def _head_transform(config: Any, softcap_key: str, scale_key: str) -> dict:
 
 def _fused_kd_forward(model, args, kwargs, teacher, num_items, options):
     names = ("input_ids", "attention_mask")
+    if len(args) > len(names):
+        raise TypeError("with a teacher, pass arguments after attention_mask by keyword")
     for name, value in zip(names, args, strict=False):
         kwargs[name] = value
     labels = kwargs.pop("labels", None)
+    kwargs.pop("logits_to_keep", None)  # every position but the last is a KD row
     kwargs.setdefault("use_cache", False)
     body = model.base_model
     if body is model:
