@@ -77,7 +77,6 @@ def kd_loss(
     soft_weight: float = 1.0,
     beta: float = 0.5,
     scale_t2: bool = True,
-    normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`kd_kernels.kd_loss` over a vocabulary split across ``process_group``.
 
@@ -88,8 +87,6 @@ def kd_loss(
             (global class ids, the same on every rank); ``topk_remainder`` "renormalize" or
             "spread".
         labels: (...) global class ids (or ignore_index), the same on every rank.
-        normalizer: None, or a number or 0-dim tensor that divides the summed loss instead of
-            ``reduction``'s divisor.
         The other options are kd_loss's, over the C classes of all ranks.
 
     Returns:
@@ -141,7 +138,6 @@ def kd_loss(
         mask,
         labels,
         reduction,
-        normalizer,
         row_shape,
         rows_per_chunk=None,
     )
@@ -172,7 +168,6 @@ def fused_linear_kd_loss(
     soft_weight: float = 1.0,
     beta: float = 0.5,
     scale_t2: bool = True,
-    normalizer: float | torch.Tensor | None = None,
     chunk_size: int | tuple[int, int | None] | None = None,
 ) -> torch.Tensor:
     """:func:`kd_kernels.fused_linear_kd_loss` with the LM heads split by vocabulary rows.
@@ -250,7 +245,6 @@ def fused_linear_kd_loss(
         mask,
         labels,
         reduction,
-        normalizer,
         row_shape,
         rows_per_chunk=rows,
     )
@@ -321,7 +315,6 @@ def _problem(
     mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     reduction: str,
-    normalizer: float | torch.Tensor | None,
     row_shape: torch.Size,
     rows_per_chunk: int | None,
 ) -> VocabParallelKD:
@@ -329,8 +322,6 @@ def _problem(
     if flat_mask is not None and flat_mask.dtype != torch.bool:
         flat_mask = flat_mask != 0
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    if normalizer is not None and reduction == "none":
-        raise ValueError("normalizer divides a summed loss: it needs a reduction other than 'none'")
     if rows_per_chunk is None:
         budget = CHUNK_BUDGET["cuda" if device.type == "cuda" else "cpu"]
         rows_per_chunk = max(MIN_CHUNK_ROWS, budget // local_vocab)
@@ -341,7 +332,6 @@ def _problem(
         labels=flat_labels,
         counted=counted_rows(num_rows, flat_mask, flat_labels, options["ignore_index"], device),
         reduction=reduction,
-        normalizer=normalizer,
         local_vocab=local_vocab,
         rows_per_chunk=max(1, min(rows_per_chunk, num_rows)),
         row_shape=row_shape,
@@ -359,9 +349,8 @@ class VocabParallelKD:
         self.vocab_size = dist.get_world_size(self.group) * self.local_vocab
 
     def divisor(self, num_rows: int) -> torch.Tensor | float | int:
-        """What the summed row losses are divided by (no host sync)."""
-        if self.normalizer is not None:
-            return self.normalizer
+        """What the summed row losses are divided by (no host sync). A ``normalizer`` is
+        applied by the public functions around this (reduction "sum", then divided)."""
         return row_divisor(self.reduction, num_rows, self.vocab_size, self.counted)
 
     def _all_reduce(self, x: torch.Tensor, op: Any) -> torch.Tensor:
