@@ -39,12 +39,14 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 def check_row_tensor(
     name: str, value: object, row_shape: torch.Size | None, device: torch.device, *, kind: str
 ) -> None:
-    """A per-row tensor (mask: kind="bool", labels: kind="int") of shape ``row_shape``
-    (None: any shape)."""
+    """A per-row tensor (kind="bool": bool; kind="mask": bool, integer or float, non-zero
+    counts; kind="int": integer labels) of shape ``row_shape`` (None: any shape)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if kind == "bool" and value.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {value.dtype}")
+    if kind == "mask" and value.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or float tensor, got {value.dtype}")
     if kind == "int" and (
         value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
     ):
@@ -123,14 +125,16 @@ def _as_layer_list(name: str, value: object) -> list[torch.Tensor]:
 def check_token_mask(
     attention_mask: object, layers: list[torch.Tensor], token_dim: int
 ) -> torch.Tensor:
-    """A (B, L) bool or integer padding mask matching every layer; returned as contiguous bool."""
+    """A (B, L) bool, integer or float padding mask (non-zero = real token, as Hugging Face
+    and TextBrewer pass it) matching every layer; returned as contiguous bool."""
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(
             f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}"
         )
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
+    if attention_mask.is_complex():
         raise TypeError(
-            f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}"
+            "attention_mask must be bool, integer or float (non-zero = real token), got "
+            f"{attention_mask.dtype}"
         )
     for index, layer in enumerate(layers):
         expected = (layer.shape[0], layer.shape[token_dim])
@@ -192,3 +196,40 @@ def check_teacher_topk(
                 "for topk_remainder='spread'; logits can only be renormalized"
             )
     return indices, logprobs
+
+
+def normalizer_divisor(
+    normalizer: object, reduction: str, num_classes: int, device: torch.device
+) -> float | torch.Tensor:
+    """What the summed KD loss is divided by when ``normalizer`` is given: the normalizer for
+    ``"batchmean"``, normalizer * C for ``"mean"``. A number must be finite and > 0; a tensor
+    must be 0-dim (float or integer) and is not value-checked, so that it costs no host sync.
+    """
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(
+            f"normalizer replaces the row count of reduction='batchmean' or 'mean'; got "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise ValueError(
+                "normalizer must be a number or a 0-dim float or integer tensor, got a tensor of "
+                f"shape {tuple(normalizer.shape)} and dtype {normalizer.dtype}"
+            )
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device}, the logits on {device}")
+        divisor = normalizer.detach().to(device, non_blocking=True)
+        return divisor * num_classes if reduction == "mean" else divisor
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(
+            f"normalizer must be a number or a 0-dim tensor, got {type(normalizer).__name__}"
+        )
+    if not (normalizer > 0 and math.isfinite(normalizer)):
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
+    return float(normalizer) * (num_classes if reduction == "mean" else 1)
+
+
+def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A checked row mask as bool: non-zero counts (float 0/1 masks as Hugging Face code holds
+    them, integer ones, bool ones unchanged)."""
+    return mask if mask is None or mask.dtype == torch.bool else mask != 0

@@ -14,6 +14,7 @@ import torch
 from kd_kernels import _ops, distributed, reference
 from kd_kernels._backend import resolve_backend
 from kd_kernels._checks import (
+    as_bool_mask,
     check_choice,
     check_float_tensor,
     check_layer_pairs,
@@ -23,6 +24,7 @@ from kd_kernels._checks import (
     check_temperature,
     check_token_mask,
     labels_out_of_range,
+    normalizer_divisor,
 )
 
 __all__ = ["attention_mse_loss", "hidden_mse_loss", "info_nce_loss", "kd_loss"]
@@ -37,6 +39,7 @@ def kd_loss(
     temperature: float = 1.0,
     kind: str = "kl",
     reduction: str = "batchmean",
+    normalizer: float | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -69,13 +72,19 @@ def kd_loss(
             (``reverse_kl`` against a renormalized top-k teacher is +inf unless the student
             puts no mass outside the top k.)
         scale_t2: multiply the soft term by t^2 (Hinton), so gradients keep their size.
-        mask: bool (...), rows where it is False do not count.
+        mask: (...) bool, integer or float (1.0 / 0.0 as Hugging Face code holds it): rows
+            where it is 0 (False) do not count, every non-zero value counts as 1.
         labels: int (...), rows equal to ``ignore_index`` do not count; with
             ``hard_weight != 0`` each counted row adds hard_weight * CE(student at t=1, label).
         soft_weight: weight of the soft term.
         reduction: ``"batchmean"`` (sum / counted rows), ``"sum"``, ``"mean"``
             (sum / (counted rows * C)), ``"none"`` (per-row losses, shape (...), 0 where a row
             does not count). No counted row gives 0 and a zero gradient.
+        normalizer: with ``"batchmean"`` (or ``"mean"``), divide the summed loss by this
+            instead of the counted rows (or by normalizer * C): a number > 0 or a 0-dim tensor
+            (read on the device, no host sync), e.g. the counted tokens of all micro-batches of
+            an optimizer step (HF Trainer's ``num_items_in_batch``), so that accumulated
+            micro-batches equal one big batch.
         inplace_grad: write the gradient over the student logits' storage instead of a new
             (N, C) buffer (the logits must not be used afterwards; backward runs once).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
@@ -92,6 +101,32 @@ def kd_loss(
     Teacher logits of -inf are legal (0 log 0 = 0); a student -inf where the teacher has mass
     gives +inf. A counted row holding NaN or +inf gives a NaN loss (and NaN gradient row).
     """
+    if normalizer is not None:
+        check_float_tensor("student_logits", student_logits)
+        num_classes = student_logits.shape[-1] if student_logits.dim() else 1
+        if process_group is not None:
+            num_classes *= torch.distributed.get_world_size(process_group)
+        divisor = normalizer_divisor(normalizer, reduction, num_classes, student_logits.device)
+        total = kd_loss(
+            student_logits,
+            teacher_logits,
+            teacher_topk=teacher_topk,
+            topk_remainder=topk_remainder,
+            temperature=temperature,
+            kind=kind,
+            reduction="sum",
+            mask=mask,
+            labels=labels,
+            ignore_index=ignore_index,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            beta=beta,
+            scale_t2=scale_t2,
+            inplace_grad=inplace_grad,
+            backend=backend,
+            process_group=process_group,
+        )
+        return total / (divisor.to(total.dtype) if torch.is_tensor(divisor) else divisor)
     if process_group is not None:
         from kd_kernels import vocab_parallel
 
@@ -132,6 +167,7 @@ def kd_loss(
         ignore_index=ignore_index,
         hard_weight=hard_weight,
     )
+    mask = as_bool_mask(mask)
     if teacher_topk is not None:
         if teacher_logits is not None:
             raise ValueError("pass the teacher once: teacher_logits or teacher_topk, not both")
@@ -255,7 +291,7 @@ def check_kd_options(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if mask is not None:
-        check_row_tensor("mask", mask, row_shape, device, kind="bool")
+        check_row_tensor("mask", mask, row_shape, device, kind="mask")
     if labels is not None:
         check_row_tensor("labels", labels, row_shape, device, kind="int")
         if not torch.compiler.is_compiling() and labels_out_of_range(

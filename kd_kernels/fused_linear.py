@@ -22,10 +22,12 @@ import torch
 from kd_kernels import reference
 from kd_kernels._backend import resolve_backend
 from kd_kernels._checks import (
+    as_bool_mask,
     check_choice,
     check_float_tensor,
     check_same_device,
     check_teacher_topk,
+    normalizer_divisor,
 )
 from kd_kernels._chunked_kd import ChunkedKD, TeacherSource
 from kd_kernels.distributed import reject_dtensor
@@ -61,6 +63,7 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     kind: str = "kl",
     reduction: str = "batchmean",
+    normalizer: float | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -85,8 +88,8 @@ def fused_linear_kd_loss(
         teacher_topk, topk_remainder: a sparse teacher ``(indices, logprobs)`` of shape (..., k),
             as in :func:`kd_kernels.kd_loss`, densified one chunk at a time.
         student_bias: (V,) or None.
-        temperature, kind, reduction, mask, labels, ignore_index, hard_weight, soft_weight,
-        beta, scale_t2: as in :func:`kd_kernels.kd_loss`, over the rows (...).
+        temperature, kind, reduction, normalizer, mask, labels, ignore_index, hard_weight,
+        soft_weight, beta, scale_t2: as in :func:`kd_kernels.kd_loss`, over the rows (...).
         chunk_size: rows per chunk, or ``(rows, vocab)`` to also cut the vocabulary (online
             log-sum-exp). None: rows such that a chunk holds about 16M logits (64M on a GPU),
             at least 32 rows, cutting the vocabulary only past that.
@@ -110,6 +113,37 @@ def fused_linear_kd_loss(
     neither the loss nor any gradient: unlike the unfused composition, NaN there does not
     turn the weight gradient into NaN.
     """
+    if normalizer is not None:
+        check_float_tensor("student_weight", student_weight)
+        num_classes = student_weight.shape[0]
+        if process_group is not None:
+            num_classes *= torch.distributed.get_world_size(process_group)
+        divisor = normalizer_divisor(normalizer, reduction, num_classes, student_weight.device)
+        total = fused_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_logits,
+            student_bias=student_bias,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            teacher_topk=teacher_topk,
+            topk_remainder=topk_remainder,
+            temperature=temperature,
+            kind=kind,
+            reduction="sum",
+            mask=mask,
+            labels=labels,
+            ignore_index=ignore_index,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            beta=beta,
+            scale_t2=scale_t2,
+            chunk_size=chunk_size,
+            backend=backend,
+            process_group=process_group,
+        )
+        return total / (divisor.to(total.dtype) if torch.is_tensor(divisor) else divisor)
     if process_group is not None:
         from kd_kernels import vocab_parallel
 
@@ -159,6 +193,7 @@ def fused_linear_kd_loss(
         ignore_index=ignore_index,
         hard_weight=hard_weight,
     )
+    mask = as_bool_mask(mask)
     teacher = _teacher_source(
         row_shape,
         vocab_size,

@@ -21,7 +21,9 @@ __all__ = [
 class KDLoss(torch.nn.Module):
     """Module form of :func:`kd_kernels.kd_loss`; options are fixed at construction.
 
-    ``forward(student_logits, teacher_logits, mask=None, labels=None)``.
+    ``forward(student_logits, teacher_logits, mask=None, labels=None, normalizer=None)``:
+    ``normalizer`` varies per step (the counted tokens of all micro-batches), so it is a
+    forward argument.
     """
 
     def __init__(
@@ -57,9 +59,15 @@ class KDLoss(torch.nn.Module):
         teacher_logits: torch.Tensor,
         mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        normalizer: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         return functional.kd_loss(
-            student_logits, teacher_logits, mask=mask, labels=labels, **self.options
+            student_logits,
+            teacher_logits,
+            mask=mask,
+            labels=labels,
+            normalizer=normalizer,
+            **self.options,
         )
 
     def extra_repr(self) -> str:
@@ -168,7 +176,7 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     ``forward(student_hidden, student_weight, teacher_logits=None, *, student_bias=None,
     teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_topk=None, mask=None,
-    labels=None)``; pass an LM head's ``weight`` and ``bias`` as the student's.
+    labels=None, normalizer=None)``; pass an LM head's ``weight`` and ``bias`` as the student's.
     """
 
     def __init__(

@@ -36,7 +36,7 @@ def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> t
 # Per class, |u| = |log p_T - log p_S| up to which the log-ratio forms are used. Beyond it the
 # terms are O(1) and the log-probability forms lose nothing; they also take the infinite cases
 # (a -inf logit on one side only). Both compute the same quantity per class.
-LOG_RATIO_LIMIT = 1.0
+LOG_RATIO_LIMIT = 0.5
 # |u| below which phi and psi are taken from their Taylor series (the closed forms cancel).
 SERIES_LIMIT = 0.1
 
@@ -126,7 +126,7 @@ def log_ratio(
     teacher_log_probs: torch.Tensor,
     lse_gap: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """u = log p_T - log p_S per class without cancellation, and where it is used (|u| <= 1).
+    """u = log p_T - log p_S per class without cancellation, and where it is used (|u| <= 1/2).
 
     With a = student / t, b = teacher / t: d = b - a is formed as (teacher - student) / t (the
     logits subtracted first, exact when they are close), delta = lse(b) - lse(a) =
@@ -209,7 +209,7 @@ def kd_class_terms(
     """Per-class terms of the soft loss (same shapes); summed over classes they give the row
     loss of ``kd_row_losses`` (before the t^2 scale). Differentiable in ``log_p_s`` and ``u``.
 
-    Where ``near`` (u = log p_T - log p_S from ``log_ratio``, |u| <= 1), the log-ratio forms,
+    Where ``near`` (u = log p_T - log p_S from ``log_ratio``, |u| <= 1/2), the log-ratio forms,
     every term >= 0 and exactly 0 at u = 0 (L = log1p(beta expm1(u)) = log(m / p_S)):
 
     - kl: p_S phi(u), phi(u) = u e^u - expm1(u); soft_ce: that plus -p_T log p_T

@@ -439,7 +439,7 @@ BAD_INPUTS = [
     ("reduction", _bad(reduction="avg"), ValueError, "reduction"),
     ("labels range", _bad(labels=torch.full((ROWS,), VOCAB)), ValueError, "labels must lie"),
     ("labels shape", _bad(labels=torch.zeros(ROWS + 1, dtype=torch.long)), ValueError, "labels"),
-    ("float mask", _bad(mask=torch.ones(ROWS)), TypeError, "mask"),
+    ("complex mask", _bad(mask=torch.ones(ROWS) * 1j), TypeError, "mask"),
     ("hard weight without labels", _bad(hard_weight=1.0), ValueError, "needs labels"),
     ("chunk zero", _bad(chunk_size=0), ValueError, ">= 1"),
     ("chunk vocab zero", _bad(chunk_size=(4, 0)), ValueError, ">= 1"),

@@ -37,7 +37,12 @@ BAD_CALLS = [
         ValueError,
         "labels",
     ),
-    ("mask_int", lambda s, t: dict(mask=torch.ones(3, dtype=torch.int64)), TypeError, "mask"),
+    (
+        "mask_complex",
+        lambda s, t: dict(mask=torch.ones(3, dtype=torch.complex64)),
+        TypeError,
+        "mask",
+    ),
     ("mask_shape", lambda s, t: dict(mask=torch.ones(3, 1, dtype=torch.bool)), ValueError, "mask"),
     (
         "mask_device",

@@ -28,7 +28,10 @@ BAD_ATTENTION_CASES = [
      TypeError, "dtype"),
     ("ndim", lambda: (scores(2, 4, 4), scores(2, 4, 4), {}), ValueError, "4-d"),
     ("mask_shape", lambda: (scores(2, 2, 4, 4), scores(2, 2, 4, 4),
-                            {"attention_mask": torch.ones(2, 5)}), TypeError, "bool or integer"),
+                            {"attention_mask": torch.ones(2, 5)}), ValueError, r"\(2, 4\)"),
+    ("mask_complex", lambda: (scores(2, 2, 4, 4), scores(2, 2, 4, 4),
+                              {"attention_mask": torch.ones(2, 4) * 1j}), TypeError,
+     "bool, integer or float"),
     ("mask_length", lambda: (scores(2, 2, 4, 4), scores(2, 2, 4, 4),
                              {"attention_mask": torch.ones(2, 5, dtype=torch.long)}),
      ValueError, r"\(2, 4\)"),
@@ -69,8 +72,9 @@ BAD_HIDDEN_CASES = [
     ("mask_shape", (scores(2, 3, 4), scores(2, 3, 4),
                     {"attention_mask": torch.ones(3, 2, dtype=torch.long)}),
      ValueError, r"\(2, 3\)"),
-    ("mask_float", (scores(2, 3, 4), scores(2, 3, 4),
-                    {"attention_mask": torch.ones(2, 3)}), TypeError, "bool or integer"),
+    ("mask_complex", (scores(2, 3, 4), scores(2, 3, 4),
+                      {"attention_mask": torch.ones(2, 3) * 1j}), TypeError,
+     "bool, integer or float"),
     ("string", ("abc", scores(2, 3, 4), {}), TypeError, "sequence of tensors"),
 ]  # fmt: skip
 

@@ -19,6 +19,10 @@
 namespace kd_kernels {
 namespace {
 
+// |u| = |log p_T - log p_S| up to which a class takes the log-ratio forms (as in
+// kd_kernels.reference.LOG_RATIO_LIMIT); beyond it the log-probability forms lose nothing.
+constexpr double kLogRatioLimit = 0.5;
+
 // Writes exps_c = exp(x_c * scale - max * scale) over a padded row, given max_c x_c (finite),
 // and returns their sum: the softmax numerators and denominator, computed once per row.
 template <typename acc_t>
@@ -40,58 +44,93 @@ Vec<acc_t> p_log_ratio(const Vec<acc_t>& p, const Vec<acc_t>& log_p, const Vec<a
   return Vec<acc_t>::blendv(zero, p * (log_p - log_q), p > zero);
 }
 
-// x e^x - expm1(x) (>= 0) given em = expm1(x): the KL term of a class over p_S. Its Taylor
-// series below |x| = 0.1, where the closed form cancels (kd_kernels.reference.phi).
-template <typename acc_t>
-Vec<acc_t> phi(const Vec<acc_t>& x, const Vec<acc_t>& em) {
-  const Vec<acc_t> series =
-      x * x *
-      (Vec<acc_t>(acc_t(1) / 2) +
-       x * (Vec<acc_t>(acc_t(1) / 3) +
-            x * (Vec<acc_t>(acc_t(1) / 8) +
-                 x * (Vec<acc_t>(acc_t(1) / 30) +
-                      x * (Vec<acc_t>(acc_t(1) / 144) + x * Vec<acc_t>(acc_t(1) / 840))))));
-  return Vec<acc_t>::blendv(x * em + x - em, series, x.abs() < Vec<acc_t>(acc_t(0.1)));
+// Taylor polynomials on |x| <= 1/2, the only place the log-ratio forms are used (|u| <= 1/2,
+// and for JSD |u - L|, |L| <= |u|): relative error below 4e-8, no cancellation near 0 and no
+// transcendental call (the kernel is compute-bound on the CPU). Horner from the highest
+// coefficient; c[i] multiplies x^i.
+template <typename acc_t, int N>
+Vec<acc_t> horner(const Vec<acc_t>& x, const acc_t (&c)[N]) {
+  Vec<acc_t> result(c[N - 1]);
+  for (int i = N - 2; i >= 0; --i) result = at::vec::fmadd(result, x, Vec<acc_t>(c[i]));
+  return result;
 }
 
-// expm1(x) - x (>= 0) given em = expm1(x): the reverse-KL term of a class over p_S.
+// expm1(x) = sum_n>=1 x^n / n!, to n = 8.
 template <typename acc_t>
-Vec<acc_t> psi(const Vec<acc_t>& x, const Vec<acc_t>& em) {
-  const Vec<acc_t> series =
-      x * x *
-      (Vec<acc_t>(acc_t(1) / 2) +
-       x * (Vec<acc_t>(acc_t(1) / 6) +
-            x * (Vec<acc_t>(acc_t(1) / 24) +
-                 x * (Vec<acc_t>(acc_t(1) / 120) +
-                      x * (Vec<acc_t>(acc_t(1) / 720) + x * Vec<acc_t>(acc_t(1) / 5040))))));
-  return Vec<acc_t>::blendv(em - x, series, x.abs() < Vec<acc_t>(acc_t(0.1)));
+Vec<acc_t> expm1_near(const Vec<acc_t>& x) {
+  static constexpr acc_t c[] = {1,        1. / 2,    1. / 6,     1. / 24,
+                                1. / 120, 1. / 720,  1. / 5040,  1. / 40320};
+  return x * horner(x, c);
 }
 
-// JSD of a vector of classes: the loss term and h = d term / d log p_S (before the row sum).
-// Near (|u| <= 1), with E = expm1(u) and e^L = m / p_S = 1 + beta E:
+// phi(x) = x e^x - expm1(x) = sum_n>=2 (n - 1) x^n / n! (>= 0), to n = 9: the KL term of a
+// class over p_S (kd_kernels.reference.phi).
+template <typename acc_t>
+Vec<acc_t> phi(const Vec<acc_t>& x) {
+  static constexpr acc_t c[] = {1. / 2,   2. / 6,    3. / 24,    4. / 120,
+                                5. / 720, 6. / 5040, 7. / 40320, 8. / 362880};
+  return x * x * horner(x, c);
+}
+
+// psi(x) = expm1(x) - x = sum_n>=2 x^n / n! (>= 0), to n = 8: the reverse-KL term of a class
+// over p_S.
+template <typename acc_t>
+Vec<acc_t> psi(const Vec<acc_t>& x) {
+  static constexpr acc_t c[] = {1. / 2, 1. / 6, 1. / 24, 1. / 120, 1. / 720, 1. / 5040,
+                                1. / 40320};
+  return x * x * horner(x, c);
+}
+
+// Lanes of a comparison mask: all set, none set.
+template <typename acc_t>
+bool all_lanes(const Vec<acc_t>& mask) {
+  return mask.zero_mask() == 0;
+}
+template <typename acc_t>
+bool no_lane(const Vec<acc_t>& mask) {
+  return mask.zero_mask() == (1 << Vec<acc_t>::size()) - 1;
+}
+
+// JSD of a vector of classes: h = d term / d log p_S (before the row sum) and, when `term` is
+// given, the loss term. Near (|u| <= 1/2), with E = expm1(u) and e^L = m / p_S = 1 + beta E:
 // p_S e^L (beta phi(u - L) + (1 - beta) phi(-L)) and h = -(1 - beta) L; elsewhere the
-// log-probability forms, guarded so that 0 log 0 = 0 (beta = 0 or 1 included).
+// log-probability forms, guarded so that 0 log 0 = 0 (beta = 0 or 1 included). A vector whose
+// lanes are all near (or all far) computes one side only.
 template <typename acc_t>
 void jsd_terms(const Vec<acc_t>& p_s, const Vec<acc_t>& log_p_s, const Vec<acc_t>& p_t,
                const Vec<acc_t>& log_p_t, const Vec<acc_t>& u, const Vec<acc_t>& em,
-               const Vec<acc_t>& near, acc_t beta, Vec<acc_t>& term, Vec<acc_t>& h) {
+               const Vec<acc_t>& near, acc_t beta, Vec<acc_t>* term, Vec<acc_t>& h) {
   const Vec<acc_t> zero(0), beta_v(beta), one_minus_beta_v(acc_t(1) - beta);
-  const Vec<acc_t> beta_em = beta_v * em;
-  const Vec<acc_t> mixed = Vec<acc_t>(1) + beta_em;
-  const Vec<acc_t> log_mixed = beta_em.log1p();
-  const Vec<acc_t> near_term =
-      p_s * mixed *
-      (beta_v * phi(u - log_mixed, one_minus_beta_v * em / mixed) +
-       one_minus_beta_v * phi(zero - log_mixed, zero - beta_em / mixed));
-  const Vec<acc_t> weighted = one_minus_beta_v * p_s;
-  const Vec<acc_t> log_m = (beta_v * p_t + weighted).log();
-  // Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
-  const Vec<acc_t> far_term =
-      p_log_ratio(beta_v * p_t, log_p_t, log_m) + p_log_ratio(weighted, log_p_s, log_m);
-  const Vec<acc_t> far_h =
-      Vec<acc_t>::blendv(zero, one_minus_beta_v * (log_p_s - log_m), weighted > zero);
-  term = Vec<acc_t>::blendv(far_term, near_term, near);
-  h = Vec<acc_t>::blendv(far_h, zero - one_minus_beta_v * log_mixed, near);
+  const bool all_near = all_lanes(near), any_near = !no_lane(near);
+  Vec<acc_t> near_term, near_h, far_term, far_h;
+  if (any_near) {
+    const Vec<acc_t> beta_em = beta_v * em;
+    const Vec<acc_t> log_mixed = beta_em.log1p();
+    near_h = zero - one_minus_beta_v * log_mixed;
+    if (term) {
+      near_term = p_s * (Vec<acc_t>(1) + beta_em) *
+                  (beta_v * phi(u - log_mixed) + one_minus_beta_v * phi(zero - log_mixed));
+    }
+  }
+  if (!all_near) {
+    const Vec<acc_t> weighted = one_minus_beta_v * p_s;
+    const Vec<acc_t> log_m = (beta_v * p_t + weighted).log();
+    // Weights inside the guard: beta = 0 must not turn 0 * inf into NaN.
+    if (term) {
+      far_term = p_log_ratio(beta_v * p_t, log_p_t, log_m) + p_log_ratio(weighted, log_p_s, log_m);
+    }
+    far_h = Vec<acc_t>::blendv(zero, one_minus_beta_v * (log_p_s - log_m), weighted > zero);
+  }
+  if (all_near) {
+    h = near_h;
+    if (term) *term = near_term;
+  } else if (!any_near) {
+    h = far_h;
+    if (term) *term = far_term;
+  } else {
+    h = Vec<acc_t>::blendv(far_h, near_h, near);
+    if (term) *term = Vec<acc_t>::blendv(far_term, near_term, near);
+  }
 }
 
 template <typename scalar_t>
@@ -185,7 +224,12 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
           const Vec<acc_t> d = (Vec<acc_t>::loadu(t_row + c) - Vec<acc_t>::loadu(s.data() + c)) * inv_t_v;
           const Vec<acc_t> close = d.abs() < half;
           const Vec<acc_t> far = Vec<acc_t>::loadu(exp_t_row + c) * rescale_v - e_s;
-          gap_v += Vec<acc_t>::blendv(far, e_s * Vec<acc_t>::blendv(zero, d, close).expm1(), close);
+          if (no_lane(close)) {
+            gap_v += far;
+          } else {
+            gap_v += Vec<acc_t>::blendv(far, e_s * expm1_near(Vec<acc_t>::blendv(zero, d, close)),
+                                        close);
+          }
         }
         const acc_t ratio = horizontal_sum(gap_v) / student_sum;
         const acc_t lse_gap = teacher_lse[k] - student_lse;
@@ -214,9 +258,9 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         log_p_t = p_t.log();
       };
       // u = log p_T - log p_S = d - delta in log-ratio form, E = expm1(u), and where they are
-      // used (near: every |u_k| <= 1; u = E = 0 elsewhere). K teachers:
+      // used (near: every |u_k| <= 1/2; u = E = 0 elsewhere). K teachers:
       // u = log1p(mean_k expm1(u_k)). One class: p_S = p_T = 1, u = 0 exactly.
-      const Vec<acc_t> limit(1), inv_teachers_v(inv_teachers);
+      const Vec<acc_t> limit(kLogRatioLimit), inv_teachers_v(inv_teachers);
       const bool one_class = classes == 1;
       auto log_ratios = [&](int64_t c, Vec<acc_t>& u, Vec<acc_t>& em, Vec<acc_t>& near) {
         const Vec<acc_t> s_v = Vec<acc_t>::loadu(s.data() + c);
@@ -224,7 +268,7 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
           u = (Vec<acc_t>::loadu(t.data() + c) - s_v) * inv_t_v - Vec<acc_t>(teacher_delta[0]);
           near = u.abs() <= limit;
           u = one_class ? zero : Vec<acc_t>::blendv(zero, u, near);
-          em = u.expm1();
+          em = expm1_near(u);
           return;
         }
         Vec<acc_t> mixed(0);
@@ -234,7 +278,7 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
                                  Vec<acc_t>(teacher_delta[k]);
           const Vec<acc_t> ok = u_k.abs() <= limit;
           near = near & ok;
-          mixed += Vec<acc_t>::blendv(zero, u_k, ok).expm1();
+          mixed += expm1_near(Vec<acc_t>::blendv(zero, u_k, ok));
         }
         em = one_class ? zero : Vec<acc_t>::blendv(zero, mixed * inv_teachers_v, near);
         u = em.log1p();
@@ -249,10 +293,10 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
           log_ratios(c, u, em, near);
           if (opt.kind == KDKind::ReverseKL) {
             const Vec<acc_t> far = p_log_ratio(p_s, log_p_s, log_p_t) + p_t - p_s;
-            soft_v += Vec<acc_t>::blendv(far, p_s * psi(u, em), near);
+            soft_v += Vec<acc_t>::blendv(far, p_s * psi(u), near);
           } else {
             Vec<acc_t> term, h;
-            jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta, term, h);
+            jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta, &term, h);
             soft_v += term;
             row_sum_v += Vec<acc_t>::blendv(zero, p_s * h, p_s > zero);
           }
@@ -274,16 +318,20 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         log_ratios(c, u, em, near);
         Vec<acc_t> g;
         if (opt.kind == KDKind::KL || opt.kind == KDKind::SoftCE) {
-          const Vec<acc_t> far = p_log_ratio(p_t, log_p_t, log_p_s) - p_t + p_s;
-          soft_v += Vec<acc_t>::blendv(far, p_s * phi(u, em), near);
+          if (all_lanes(near)) {
+            soft_v += p_s * phi(u);
+          } else {
+            const Vec<acc_t> far = p_log_ratio(p_t, log_p_t, log_p_s) - p_t + p_s;
+            soft_v += no_lane(near) ? far : Vec<acc_t>::blendv(far, p_s * phi(u), near);
+          }
           if (opt.kind == KDKind::SoftCE) soft_v = soft_v - p_log_ratio(p_t, log_p_t, zero);
           // p_S - p_T, as -p_S expm1(u) where that keeps its digits.
           g = Vec<acc_t>::blendv(p_s - p_t, zero - p_s * em, near);
         } else {
           Vec<acc_t> h;
           if (opt.kind == KDKind::JSD) {
-            Vec<acc_t> term;
-            jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta, term, h);
+            jsd_terms(p_s, log_p_s, p_t, log_p_t, u, em, near, beta,
+                      static_cast<Vec<acc_t>*>(nullptr), h);
           } else {
             h = Vec<acc_t>::blendv(log_p_s - log_p_t, zero - u, near);
           }
