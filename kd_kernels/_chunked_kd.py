@@ -241,6 +241,25 @@ class ChunkedKD:
         grads.add(rows, columns, grad.to(chunk_hidden.dtype), chunk_hidden, weight)
 
 
+# torch's mixed-precision GEMM (half inputs, float32 output; CUDA only): addmm.dtype_out.
+_HAS_FLOAT32_OUTPUT_GEMM = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """accumulator += a @ b, accumulator float32 (float64), a and b in the inputs' dtype.
+
+    Half-precision a and b never make a rounded half-precision product: on CUDA one GEMM reads
+    them as they are and accumulates into the float32 output in place (no temporary); where
+    torch has no such GEMM (CPU) they are multiplied in float32 (a float32 copy of a and b,
+    the chunk's size: a documented fallback, exact, slower)."""
+    if a.dtype == accumulator.dtype:
+        accumulator.addmm_(a, b)
+    elif accumulator.is_cuda and _HAS_FLOAT32_OUTPUT_GEMM:
+        torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
+    else:
+        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+
+
 class _Gradients:
     """Float32 (float64) accumulators of the hidden, weight and bias gradients."""
 
@@ -255,13 +274,9 @@ class _Gradients:
     def add(self, rows, columns, grad_logits, chunk_hidden, weight) -> None:
         """Adds a chunk's share: G W to the hidden rows, G^T h to the weight rows, sum G."""
         if self.hidden is not None:
-            self.hidden[rows] += grad_logits @ weight[columns]
+            _add_product(self.hidden[rows], grad_logits, weight[columns])
         if self.weight is not None:
-            block = self.weight[columns]
-            if block.dtype == grad_logits.dtype:
-                block.addmm_(grad_logits.T, chunk_hidden)
-            else:  # a half-precision product, summed in float32
-                block += grad_logits.T @ chunk_hidden
+            _add_product(self.weight[columns], grad_logits.T, chunk_hidden)
         if self.bias is not None:
             self.bias[columns] += grad_logits.sum(dim=0, dtype=self.bias.dtype)
 
