@@ -374,8 +374,12 @@ def _previous_power_of_2(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-def _launch_config(num_rows: int, num_classes: int, num_teachers: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps): ~TILE_ELEMENTS per program, many rows when rows are short."""
+def _launch_config(
+    num_rows: int, num_classes: int, num_teachers: int, multiprocessors: int = 132
+) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps): ~TILE_ELEMENTS per program, many rows when rows are
+    short, but never fewer programs than two per SM when the rows allow it (N = 1024, C = 2
+    ran as one program on a 132-SM chip); small tiles get fewer warps."""
     tile = TILE_ELEMENTS * (4 if triton_interpreting() else 1)  # fewer programs to interpret
     # K teachers share the tile; tl.arange needs powers of two, so round the share down.
     tile = max(_previous_power_of_2(tile // num_teachers), 256)
@@ -385,8 +389,17 @@ def _launch_config(num_rows: int, num_classes: int, num_teachers: int) -> tuple[
         # Each row keeps ~10 + 3K statistics live (max, sum-exp and delta per teacher, ...):
         # more than two rows per thread spill on sm_80 / sm_90.
         block_n = min(block_n, MAX_BLOCK_ROWS)
-    num_warps = 8 if block_n * block_c >= 4096 else 4
+        block_n = min(block_n, _previous_power_of_2(max(1, num_rows // (2 * multiprocessors))))
+    elements = block_n * block_c
+    num_warps = 8 if elements >= 4096 else 4 if elements >= 1024 else 2 if elements >= 256 else 1
     return block_n, block_c, num_warps
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of the tensors' GPU (132 on H100/H200; the same figure off a GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _launch_kd_loss(
@@ -412,7 +425,9 @@ def _launch_kd_loss(
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     if num_rows == 0:
         return row_loss
-    block_n, block_c, num_warps = _launch_config(num_rows, num_classes, num_teachers)
+    block_n, block_c, num_warps = _launch_config(
+        num_rows, num_classes, num_teachers, _multiprocessors(student.device)
+    )
     t2 = temperature * temperature if scale_t2 else 1.0
     mask_bytes = mask.view(torch.uint8) if mask is not None else None
     _kd_loss_kernel[(triton.cdiv(num_rows, block_n),)](
