@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-checks every csrc/cuda/*.cu for sm_80 and sm_90 with the flags torch's BuildExtension
 # passes, without a GPU and against the CPU torch wheel (objects are thrown away), and reads
-# ptxas -v: registers and spill stores per kernel and architecture; any spill store fails.
+# ptxas -v: registers and spill stores per kernel and architecture; a spill store in an fp32,
+# fp16 or bf16 kernel fails (fp64 ones are shown only).
 # Usage: PYTHON=/path/to/python scripts/check_cuda.sh   (default: python from PATH)
 set -euo pipefail
 
@@ -107,7 +108,10 @@ except OSError:
 spilled = 0
 for (name, arch), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
     spills = row.get("spills", 0)
-    spilled += spills > 0
+    # fp64 is not a speed path (auto sends float64 to the cpu and torch backends): shown,
+    # never failed.
+    fp64 = "double" in pretty.get(name, name)
+    spilled += spills > 0 and not fp64
     short = pretty.get(name, name).replace("(anonymous namespace)::", "")
     depth, cut = 0, len(short)
     for index, char in enumerate(short):  # drop the argument list, keep template arguments
@@ -116,7 +120,7 @@ for (name, arch), row in sorted(rows.items(), key=lambda item: (item[0][1], item
             cut = index
             break
     short = short[:cut].removeprefix("void ")[:110]
-    flag = "  SPILLS" if spills else ""
+    flag = ("  spills (fp64: allowed)" if fp64 else "  SPILLS") if spills else ""
     print(f"    {arch} reg={row.get('registers', 0):<3} spill={spills:<4} {short}{flag}")
 for line in other:
     print(f"    {line}")
