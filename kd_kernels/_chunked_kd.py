@@ -22,6 +22,7 @@ class TeacherSource:
 
     def __init__(self, kind: str, dtype: torch.dtype, single: bool = True, **tensors: Any):
         self.kind, self.dtype, self.single = kind, dtype, single
+        self.transform = None
         self.__dict__.update(tensors)
 
     @torch.no_grad()
@@ -31,7 +32,10 @@ class TeacherSource:
             return block if block.shape[0] == 1 or block.is_contiguous() else block.contiguous()
         if self.kind == "head":
             bias = None if self.bias is None else self.bias[start:stop]
-            return F.linear(self.hidden[rows], self.weight[start:stop], bias).to(self.dtype)[None]
+            logits = F.linear(self.hidden[rows], self.weight[start:stop], bias)
+            if self.transform is not None:  # the teacher's own soft-cap / logit scale
+                logits = self.transform.apply(logits.float())
+            return logits.to(self.dtype)[None]
         return self._topk_chunk(rows, start, stop)
 
     def _topk_chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
@@ -107,6 +111,10 @@ class ChunkedKD:
     def _full_rows(self, rows, chunk_hidden, weight, bias, grads, row_weights):
         """One row chunk over the whole vocabulary, through the backend's kd_loss kernel."""
         logits = F.linear(chunk_hidden, weight, bias)
+        chain = None
+        if self.transform is not None:  # soft-cap / logit scale: the head's own logits
+            chain = self.transform.derivative(logits) if grads.any else None
+            self.transform.apply_(logits)
         teacher = self.teacher.chunk(rows, 0, weight.shape[0])
         forward_op, forward_out_op = _kd_ops(self.backend)
         if not grads.any:
@@ -114,6 +122,8 @@ class ChunkedKD:
             return row_loss
         # The kernel writes d row_loss / d logits over the logits themselves.
         row_loss = forward_out_op(logits, teacher, *self._kd_args(rows), logits)
+        if chain is not None:  # through tanh and the scale to the raw logits
+            logits.mul_(chain)
         if row_weights is not None:
             logits.mul_(row_weights[:, None].to(logits.dtype))
         grads.add(rows, slice(0, weight.shape[0]), logits, chunk_hidden, weight)
@@ -129,11 +139,17 @@ class ChunkedKD:
         slices = [slice(v, min(vocab_size, v + step)) for v in range(0, vocab_size, step)]
         acc_dtype = reference._compute_dtype(chunk_hidden)
 
-        def logits_of(columns):
+        def logits_of(columns, with_chain=False):
+            """The slice's student logits (transformed as the head does), teacher logits and,
+            when asked, d transformed / d raw student logits (None: no transform)."""
             b = None if bias is None else bias[columns]
             student = F.linear(chunk_hidden, weight[columns], b).to(acc_dtype)
+            chain = None
+            if self.transform is not None:
+                chain = self.transform.derivative(student) if with_chain else None
+                student = self.transform.apply(student)
             teacher = self.teacher.chunk(rows, columns.start, columns.stop).to(acc_dtype)
-            return student, teacher
+            return student, teacher, chain
 
         # Pass 1: the normalisers log sum exp(z / t) of the student and of every teacher, and
         # per teacher gap = sum_c p_S expm1(d_c), d = (teacher - student) / t, rescaled with the
@@ -143,7 +159,7 @@ class ChunkedKD:
         teacher_lse = gap = None
         student_lse_t1 = student_lse.clone()  # at t = 1, for the hard cross-entropy
         for columns in slices:
-            student, teacher = logits_of(columns)
+            student, teacher, _ = logits_of(columns)
             new_lse = torch.logaddexp(student_lse, torch.logsumexp(student / t, dim=-1))
             shift = torch.where(new_lse == -math.inf, 0, new_lse)
             chunk_gap = reference.gap_terms(
@@ -163,18 +179,20 @@ class ChunkedKD:
         def slice_terms(columns):
             """Soft terms of the slice and their gradient weights w (see
             reference.kd_class_gradient_weights)."""
-            student, teacher = logits_of(columns)
+            student, teacher, chain = logits_of(columns, with_chain=grads.any)
             log_p_s = student / t - student_lse[:, None]
             log_p_t = reference.mix_teachers(teacher / t - teacher_lse[..., None])
             u, near = reference.log_ratio_from_delta((teacher - student) / t, delta, vocab_size)
             log_ratio = dict(kind=kind, beta=o["beta"], u=u, near=near)
             terms = reference.kd_class_terms(log_p_s, log_p_t, **log_ratio)
             weights = reference.kd_class_gradient_weights(log_p_s, log_p_t, **log_ratio)
-            return student, log_p_s, terms, weights
+            return student, log_p_s, terms, (weights, chain)
 
-        def add_gradient(columns, student, log_p_s, weights, weight_sum):
+        def add_gradient(columns, student, log_p_s, weights_and_chain, weight_sum):
+            weights, chain = weights_and_chain
             grad = (soft_scale / t) * (weights - log_p_s.exp() * weight_sum)
             self._add_slice_grad(
+                chain,
                 rows,
                 columns,
                 grad,
@@ -200,7 +218,7 @@ class ChunkedKD:
             if gradient_now and grads.any:
                 add_gradient(columns, student, log_p_s, weights, 0.0)
             elif grads.any:
-                weight_sum += weights.sum(dim=-1)
+                weight_sum += weights[0].sum(dim=-1)
         if grads.any and not gradient_now:
             for columns in slices:  # pass 3
                 student, log_p_s, _, weights = slice_terms(columns)
@@ -225,15 +243,28 @@ class ChunkedKD:
         return torch.where(inside, student.gather(1, column).squeeze(1), 0)
 
     def _add_slice_grad(
-        self, rows, columns, grad, student, student_lse_t1, grads, chunk_hidden, weight, weights
+        self,
+        chain,
+        rows,
+        columns,
+        grad,
+        student,
+        student_lse_t1,
+        grads,
+        chunk_hidden,
+        weight,
+        weights,
     ):
-        """Adds the hard term's gradient, zeroes rows that do not count, applies the row
-        weights and hands the slice's gradient (in the input dtype) to ``grads``."""
+        """Adds the hard term's gradient, applies the head transform's derivative ``chain``
+        (None: none), zeroes rows that do not count, applies the row weights and hands the
+        slice's gradient (in the input dtype) to ``grads``."""
         if self.options["hard_weight"] != 0.0:
             p_s1 = (student - student_lse_t1[:, None]).exp()
             column, inside = self._label_columns(rows, columns, student.shape[1])
             p_s1.scatter_add_(1, column, -inside.to(p_s1.dtype)[:, None])
             grad = grad + self.options["hard_weight"] * p_s1
+        if chain is not None:
+            grad = grad * chain
         if self.counted is not None:
             grad = torch.where(self.counted[rows, None], grad, 0)
         if weights is not None:

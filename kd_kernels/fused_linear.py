@@ -30,6 +30,7 @@ from kd_kernels._checks import (
     normalizer_divisor,
 )
 from kd_kernels._chunked_kd import ChunkedKD, TeacherSource
+from kd_kernels._logit_transform import LogitTransform, check_logit_transform
 from kd_kernels.distributed import reject_dtensor
 from kd_kernels.functional import (
     check_kd_options,
@@ -72,6 +73,10 @@ def fused_linear_kd_loss(
     beta: float = 0.5,
     scale_t2: bool = True,
     chunk_size: int | tuple[int, int | None] | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    teacher_softcap: float | None = None,
+    teacher_logit_scale: float | None = None,
     backend: str = "auto",
     process_group: object | None = None,
 ) -> torch.Tensor:
@@ -93,6 +98,12 @@ def fused_linear_kd_loss(
         chunk_size: rows per chunk, or ``(rows, vocab)`` to also cut the vocabulary (online
             log-sum-exp). None: rows such that a chunk holds about 16M logits (64M on a GPU),
             at least 32 rows, cutting the vocabulary only past that.
+        softcap, logit_scale: the student head's final-logit transform, applied to each chunk's
+            logits h @ W^T + b as the model's own forward does: z -> softcap tanh(logit_scale
+            z / softcap) (Gemma 2/3 ``final_logit_softcapping``; Cohere ``logit_scale``), the
+            gradient taken through it. Each a number > 0 or None (not applied).
+        teacher_softcap, teacher_logit_scale: the same for a teacher given as
+            ``teacher_hidden`` / ``teacher_weight`` (teacher logits are taken as they are).
         backend: the kd_loss kernel run on each full-vocabulary chunk: ``"auto"``, ``"cpu"``,
             ``"triton"`` or ``"cuda"``; ``"torch"`` is the unfused reference (materialises
             the logits).
@@ -140,10 +151,19 @@ def fused_linear_kd_loss(
             beta=beta,
             scale_t2=scale_t2,
             chunk_size=chunk_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            teacher_softcap=teacher_softcap,
+            teacher_logit_scale=teacher_logit_scale,
             backend=backend,
             process_group=process_group,
         )
         return total / (divisor.to(total.dtype) if torch.is_tensor(divisor) else divisor)
+    transforms = (softcap, logit_scale, teacher_softcap, teacher_logit_scale)
+    if process_group is not None and any(x is not None for x in transforms):
+        raise ValueError(
+            "softcap / logit_scale (and the teacher's) are not implemented with process_group"
+        )
     if process_group is not None:
         from kd_kernels import vocab_parallel
 
@@ -205,6 +225,19 @@ def fused_linear_kd_loss(
         teacher_topk,
         topk_remainder,
     )
+    transform = LogitTransform.of(
+        check_logit_transform("softcap", softcap),
+        check_logit_transform("logit_scale", logit_scale),
+    )
+    teacher.transform = LogitTransform.of(
+        check_logit_transform("teacher_softcap", teacher_softcap),
+        check_logit_transform("teacher_logit_scale", teacher_logit_scale),
+    )
+    if teacher.transform is not None and teacher.kind != "head":
+        raise ValueError(
+            "teacher_softcap / teacher_logit_scale apply to a teacher head (teacher_hidden, "
+            "teacher_weight); teacher logits are taken as they are"
+        )
     chosen = resolve_backend(backend, device, dtype)
     options = kd_op_options(
         temperature, kind, soft_weight, hard_weight, beta, scale_t2, ignore_index
@@ -218,6 +251,7 @@ def fused_linear_kd_loss(
             student_weight,
             dense[0] if teacher.single else dense,
             student_bias=student_bias,
+            transform=transform,
             reduction=reduction,
             mask=mask,
             labels=labels,
@@ -237,6 +271,7 @@ def fused_linear_kd_loss(
         chunks=_chunk_sizes(chunk_size, hidden.shape[0], vocab_size, device),
         reduction=reduction,
         row_shape=row_shape,
+        transform=transform,
         # Decided here: inside Function.forward grad mode is off.
         needs=tuple(
             torch.is_grad_enabled() and x is not None and x.requires_grad

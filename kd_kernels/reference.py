@@ -400,12 +400,16 @@ def fused_linear_kd_loss(
     teacher_logits: torch.Tensor,
     *,
     student_bias: torch.Tensor | None = None,
+    transform: object | None = None,
     **kd_options,
 ) -> torch.Tensor:
     """The unfused spec of ``kd_kernels.fused_linear_kd_loss``: the student's logits
-    h @ W^T + b materialised whole, then ``kd_loss``. Shapes: hidden (..., H), weight (V, H),
-    bias (V,), teacher logits (..., V) or (K, ..., V)."""
+    h @ W^T + b materialised whole (through the head's ``transform``: logit scale and
+    soft-cap, see kd_kernels._logit_transform), then ``kd_loss``. Shapes: hidden (..., H),
+    weight (V, H), bias (V,), teacher logits (..., V) or (K, ..., V)."""
     logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    if transform is not None:
+        logits = transform.apply(logits)
     return kd_loss(logits, teacher_logits, **kd_options)
 
 
