@@ -4,6 +4,7 @@ equal an unfused reference trainer step by step, gradient accumulation equals th
 bf16 autocast, sequence classification."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -252,3 +253,15 @@ def test_counted_tokens_match_the_trainers_count():
     batch = token_batch(seed=2, lengths=(7, 3))
     labels, _ = causal_kd_rows(batch["attention_mask"], batch["labels"])
     assert int((labels != -100).sum()) == counted_tokens(batch)
+
+
+def test_soft_capped_heads_are_applied_or_refused():
+    # Gemma-style final-logit soft-capping: passed to the fused loss when it takes softcap=,
+    # refused otherwise (never silently dropped).
+    model = tiny_llama(16, seed=0)
+    model.config.final_logit_softcapping = 30.0
+    if "softcap" in inspect.signature(kdk.fused_linear_kd_loss).parameters:
+        fuse_kd_forward(model)
+    else:
+        with pytest.raises(NotImplementedError, match="softcap"):
+            fuse_kd_forward(model)

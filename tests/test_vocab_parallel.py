@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ranks import run_ranks
 
 import kd_kernels as kdk
-from kd_kernels import reference, vocab_parallel
+from kd_kernels import reference
 
 ROWS, VOCAB, HIDDEN, TEACHER_HIDDEN = (2, 4), 36, 8, 6  # 36 classes split 2 and 3 ways
 WORLD_SIZES = (2, 3)
@@ -120,12 +120,10 @@ def _run(api: str, form: str, options: dict, inputs: dict, columns: slice, **ext
     the student's classes ``columns``; extra: process_group or backend."""
     options = _resolve(options, inputs)
     teacher = _teacher_kwargs(form, inputs, columns)
-    # TODO(normalizer): public kd_loss / fused_linear_kd_loss take normalizer= with issue 17.
-    losses = vocab_parallel if "normalizer" in options else kdk
     if api == "kd":
         student = inputs["near_student" if form == "near" else "student"]
         leaves = [student[..., columns].clone().requires_grad_()]
-        loss = losses.kd_loss(leaves[0], **teacher, **options, **extra)
+        loss = kdk.kd_loss(leaves[0], **teacher, **options, **extra)
     else:
         leaves = [
             inputs["hidden"].clone().requires_grad_(),
@@ -133,7 +131,7 @@ def _run(api: str, form: str, options: dict, inputs: dict, columns: slice, **ext
             inputs["bias"][columns].clone().requires_grad_(),
         ]
         h, w, b = leaves
-        loss = losses.fused_linear_kd_loss(h, w, student_bias=b, **teacher, **options, **extra)
+        loss = kdk.fused_linear_kd_loss(h, w, student_bias=b, **teacher, **options, **extra)
     weights = inputs["grad_weights"] if loss.dim() else torch.ones(())
     (loss * weights).sum().backward()
     return loss.detach(), [x.grad for x in leaves]

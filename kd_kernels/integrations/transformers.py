@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -135,6 +136,14 @@ def _head_transform(config: Any, softcap_key: str, scale_key: str) -> dict:
     scale = getattr(config, "logit_scale", None)
     if scale is not None and float(scale) != 1.0:
         found[scale_key] = float(scale)
+    accepted = inspect.signature(kdk.fused_linear_kd_loss).parameters
+    missing = [key for key in found if key not in accepted]
+    if missing:
+        raise NotImplementedError(
+            f"{type(config).__name__} transforms its final logits ({', '.join(missing)}), which "
+            "this version of fused_linear_kd_loss cannot apply: the fused loss would differ "
+            "from the model's own"
+        )
     return found
 
 
@@ -156,8 +165,6 @@ def _fused_kd_forward(model, args, kwargs, teacher, num_items, options):
     teacher = {k: _drop_last_position(k, v) for k, v in teacher.items()}
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    options = dict(options)
-    reduction = "sum" if num_items is not None else "batchmean"
     device_type = hidden.device.type
     with _head_precision(device_type) as dtype:
         if dtype is not None:
@@ -173,12 +180,10 @@ def _fused_kd_forward(model, args, kwargs, teacher, num_items, options):
             student_bias=bias,
             labels=shifted_labels,
             mask=mask,
-            reduction=reduction,
+            normalizer=num_items,
             **teacher,
             **options,
         )
-    if num_items is not None:
-        loss = loss / num_items
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,
@@ -326,10 +331,8 @@ class DistillationTrainer(transformers.Trainer):
             logits,
             teacher_logits.to(logits.dtype),
             labels=labels,
-            reduction="sum" if num_items_in_batch is not None else "batchmean",
+            normalizer=num_items_in_batch,
             backend=self.backend,
             **self.kd_options,
         )
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
         return loss, outputs
