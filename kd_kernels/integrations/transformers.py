@@ -240,8 +240,11 @@ def _whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def _is_causal_lm(model: torch.nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or bool(
-        getattr(model, "_kd_kernels_fused_forward", False)
+    name = type(model).__name__
+    return (
+        name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        or name.endswith("ForCausalLM")  # remote-code and custom classes
+        or bool(getattr(model, "_kd_kernels_fused_forward", False))
     )
 
 
