@@ -9,6 +9,7 @@ test_grad_cache.py, on a plain torch encoder: its workers need no sentence-trans
 
 import pytest
 import torch
+from trainer_runs import save_tiny_bert
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import losses, util  # noqa: E402
@@ -44,24 +45,7 @@ def build_model(directory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A 2-layer, 32-wide random BERT (dropout 0.1) with MiniLM's tokenizer, saved offline."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from kd_trainers.models import default_model_dir
-
-    directory = tmp_path_factory.mktemp("tiny_st")
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
-        BertModel(config, add_pooling_layer=False).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_st"), hidden=32)
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,27 @@ def epoch_means(output: Path, stage: str, steps_per_epoch: int, key: str = "loss
         sum(values[i : i + steps_per_epoch]) / steps_per_epoch
         for i in range(0, len(values), steps_per_epoch)
     ]
+
+
+def save_tiny_bert(directory: Path, hidden: int, dropout: float = 0.1) -> Path:
+    """A 2-layer random BERT of width ``hidden`` (4 heads, seed 0) with MiniLM's tokenizer,
+    saved as a local model folder (``--model DIR``, sentence-transformers' Transformer)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from kd_trainers.models import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertModel(config, add_pooling_layer=False).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
