@@ -33,8 +33,13 @@ constexpr int kWarpBlockThreads = 256;
 constexpr int64_t kWarpRowMaxCols = 1024;  // up to this, a row never crosses a warp
 
 // Pass-A statistics of one thread, flat so that one reduction handles them all:
-// [bad flag, label logit, (max, sum) of z_S, of the raw student, of teacher 0..K-1].
+// [bad flag, label logit, (max, sum) of z_S, of the raw student, (max, sum, gap) of teacher
+// 0..K-1], gap = sum_c e^(z_S,c - max_S) expm1(d_c), carried with the student's max.
 constexpr int kSlotBad = 0, kSlotLabel = 1, kSlotStudent = 2, kSlotRaw = 4, kSlotTeacher = 6;
+constexpr int kTeacherSlots = 3;
+// |u| = |log p_T - log p_S| up to which a class takes the log-ratio forms (as in
+// kd_kernels.reference.LOG_RATIO_LIMIT); beyond it the log-probability forms lose nothing.
+constexpr double kLogRatioLimit = 0.5;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
@@ -55,6 +60,31 @@ __device__ __forceinline__ float dev_log(float x) { return logf(x); }
 __device__ __forceinline__ double dev_log(double x) { return log(x); }
 __device__ __forceinline__ float dev_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double dev_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float dev_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double dev_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
+
+// x e^x - expm1(x) (>= 0) given em = expm1(x): the KL term of a class over p_S; its Taylor
+// series below |x| = 0.1, where the closed form cancels (kd_kernels.reference.phi).
+template <typename acc_t>
+__device__ __forceinline__ acc_t phi(acc_t x, acc_t em) {
+  if (dev_abs(x) >= acc_t(0.1)) return x * em + x - em;
+  return x * x *
+         (acc_t(1) / 2 +
+          x * (acc_t(1) / 3 +
+               x * (acc_t(1) / 8 + x * (acc_t(1) / 30 + x * (acc_t(1) / 144 + x / 840)))));
+}
+
+// expm1(x) - x (>= 0) given em = expm1(x): the reverse-KL term of a class over p_S.
+template <typename acc_t>
+__device__ __forceinline__ acc_t psi(acc_t x, acc_t em) {
+  if (dev_abs(x) >= acc_t(0.1)) return em - x;
+  return x * x *
+         (acc_t(1) / 2 +
+          x * (acc_t(1) / 6 +
+               x * (acc_t(1) / 24 + x * (acc_t(1) / 120 + x * (acc_t(1) / 720 + x / 5040)))));
+}
 
 // Folds (other_max, other_sum) into a running (max, sum) of exp. One exp per call:
 // exp(-|other - max|) is either the rescale of the old sum or of the new one. Empty or NaN
@@ -68,6 +98,37 @@ __device__ __forceinline__ void lse_merge(acc_t& run_max, acc_t& run_sum, acc_t 
   const bool grows = other_max > run_max;
   run_sum = grows ? run_sum * e + other_sum : run_sum + other_sum * e;
   run_max = grows ? other_max : run_max;
+}
+
+// lse_merge of the student's statistics that also reports how each side's sums were scaled,
+// for the gap sums carried with the same maximum. A side that saw no student mass (max -inf)
+// has gaps 0 or non-finite (teacher mass there): scaled by 0 they stay 0 or become NaN, which
+// sends the row to the plain lse difference.
+template <typename acc_t>
+__device__ __forceinline__ void lse_merge_scaled(acc_t& run_max, acc_t& run_sum, acc_t other_max,
+                                                 acc_t other_sum, acc_t& mine_scale,
+                                                 acc_t& other_scale) {
+  mine_scale = 1;
+  other_scale = 1;
+  if (!(other_max > -std::numeric_limits<acc_t>::infinity())) return;
+  const acc_t e = dev_exp(-dev_abs(other_max - run_max));  // 0 when run_max is -inf
+  const bool grows = other_max > run_max;
+  mine_scale = grows ? e : acc_t(1);
+  other_scale = grows ? acc_t(1) : e;
+  run_sum = run_sum * mine_scale + other_sum * other_scale;
+  run_max = grows ? other_max : run_max;
+}
+
+// One class's share of a teacher's gap sum: e^(z - max) expm1(d), d = b - z, as
+// e^(b - max) - e^(z - max) where |d| >= 1/2 (no cancellation, no 0 * inf); inf where the
+// student has no mass yet but the teacher has (the row then uses the plain lse difference).
+template <typename acc_t>
+__device__ __forceinline__ acc_t gap_term(acc_t z, acc_t b, acc_t d, acc_t student_max) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  if (!(student_max > -kInf)) return b > -kInf ? kInf : acc_t(0);
+  const acc_t e_z = dev_exp(z - student_max);
+  if (dev_abs(d) < acc_t(0.5)) return e_z * dev_expm1(d);
+  return dev_exp(b - student_max) - e_z;
 }
 
 // -inf for an empty distribution (max -inf, sum 0); the caller reports that row as NaN.
@@ -119,12 +180,25 @@ __device__ __forceinline__ void team_sum(acc_t (&vals)[N], int width, unsigned l
   team_allreduce<kBlockTeam>(vals, N, width, lane_mask, add);
 }
 
-// JSD of one column. log m comes from the exact side when beta is 0 or 1, so J and h vanish
-// exactly there; the guards implement 0 log 0 = 0.
+// JSD of one column: the loss term and h = d term / d log p_S. Near (|u| <= 1/2), with
+// E = expm1(u) and e^L = m / p_S = 1 + beta E: p_S e^L (beta phi(u - L) + (1 - beta) phi(-L))
+// and h = -(1 - beta) L (expm1 of u - L and -L follow from E). Elsewhere log m comes from the
+// exact side when beta is 0 or 1, so J and h vanish exactly there; the guards implement
+// 0 log 0 = 0.
 template <typename acc_t>
 __device__ __forceinline__ void jsd_column(acc_t p_s, acc_t log_p_s, acc_t p_t, acc_t log_p_t,
-                                           acc_t beta, acc_t& loss_term, acc_t& h) {
+                                           acc_t u, acc_t em, bool near, acc_t beta,
+                                           acc_t& loss_term, acc_t& h) {
   const acc_t one_minus_beta = acc_t(1) - beta;
+  if (near) {
+    const acc_t mixed = acc_t(1) + beta * em;
+    const acc_t log_mixed = dev_log1p(beta * em);
+    loss_term = p_s * mixed *
+                (beta * phi(u - log_mixed, one_minus_beta * em / mixed) +
+                 one_minus_beta * phi(-log_mixed, -beta * em / mixed));
+    h = -one_minus_beta * log_mixed;
+    return;
+  }
   const acc_t log_m = beta == acc_t(0)   ? log_p_s
                       : beta == acc_t(1) ? log_p_t
                                          : dev_log(beta * p_t + one_minus_beta * p_s);
@@ -154,15 +228,22 @@ struct KDParams {
   acc_t inv_temperature, soft_loss_scale, soft_grad_scale, hard_weight, beta;
 };
 
+// Block size bound: an ensemble's per-teacher statistics (max, sum, gap, delta, lse) need up
+// to 255 registers, so its blocks stop at 256 threads.
+constexpr int max_block_threads(int max_teachers) {
+  return max_teachers == 1 ? kMaxBlockThreads : kMaxBlockThreads / 2;
+}
+
 // VEC: elements per 16-byte access (1 unless every row start is aligned, checked at launch).
 // kBlockTeam: one block per row instead of p.team_width lanes per row. Two resident blocks
-// (<= 64 registers) where that costs no spills, per ptxas: single teacher, VEC <= 4.
+// (<= 64 registers) where that costs no spills, per ptxas: single teacher, VEC == 1 (the
+// log-ratio statistics of issue 17 made the vectorised instantiations need more).
 template <typename scalar_t, int VEC, bool kBlockTeam, int kMaxK>
-__global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2 : 1)
+__global__ void __launch_bounds__(max_block_threads(kMaxK), (kMaxK == 1 && VEC == 1) ? 2 : 1)
     kd_loss_kernel(const KDParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  constexpr int kNumSlots = kSlotTeacher + 2 * kMaxK;
+  constexpr int kNumSlots = kSlotTeacher + kTeacherSlots * kMaxK;
   const acc_t not_a_number = std::numeric_limits<acc_t>::quiet_NaN();
 
   const int width = kBlockTeam ? 32 : p.team_width;  // lanes of the shuffle stage
@@ -179,7 +260,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
   const acc_t inv_temperature = p.inv_temperature;
   // At T == 1 the raw-student statistics are those of z_S: skip the duplicate exps.
   const bool raw_stats = p.use_hard && inv_temperature != acc_t(1);
-  const int used_slots = kSlotTeacher + 2 * num_teachers;
+  const int used_slots = kSlotTeacher + kTeacherSlots * num_teachers;
+  const bool one_class = p.cols == 1;  // p_S = p_T = 1: u = 0 exactly
   const acc_t log_k = dev_log(static_cast<acc_t>(num_teachers));
   const bool has_row_sums = p.kind == KDKind::ReverseKL || p.kind == KDKind::JSD;
 
@@ -218,17 +300,33 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
     stats[kSlotBad] = 0;
     stats[kSlotLabel] = 0;  // a sum over the team in which only column `label` is non-zero
 #pragma unroll
-    for (int slot = kSlotStudent; slot < kNumSlots; slot += 2) {
+    for (int slot = kSlotStudent; slot < kSlotTeacher; slot += 2) {
       stats[slot] = -kInf;
       stats[slot + 1] = 0;
     }
+#pragma unroll
+    for (int k = 0; k < kMaxK; ++k) {
+      stats[kSlotTeacher + kTeacherSlots * k] = -kInf;
+      stats[kSlotTeacher + kTeacherSlots * k + 1] = 0;
+      stats[kSlotTeacher + kTeacherSlots * k + 2] = 0;
+    }
     for (int pk = lane; pk < packs; pk += team_size) {
       const auto student_pack = load_pack<VEC>(student_row + pk * VEC);
+      acc_t xs[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const acc_t x = static_cast<acc_t>(student_pack.v[j]);
+        xs[j] = x;
         if (!(x < kInf)) stats[kSlotBad] = 1;  // NaN or +inf
-        lse_merge(stats[kSlotStudent], stats[kSlotStudent + 1], x * inv_temperature, acc_t(1));
+        // The student's (max, sum); the teachers' gap sums are carried with the same max.
+        acc_t mine_scale, other_scale;
+        lse_merge_scaled(stats[kSlotStudent], stats[kSlotStudent + 1], x * inv_temperature,
+                         acc_t(1), mine_scale, other_scale);
+#pragma unroll
+        for (int k = 0; k < kMaxK; ++k) {
+          if (k >= num_teachers) break;
+          stats[kSlotTeacher + kTeacherSlots * k + 2] *= mine_scale;
+        }
         if (raw_stats) lse_merge(stats[kSlotRaw], stats[kSlotRaw + 1], x, acc_t(1));
         if (pk * VEC + j == label) stats[kSlotLabel] = x;
       }
@@ -236,12 +334,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
       for (int k = 0; k < kMaxK; ++k) {
         if (k >= num_teachers) break;
         const auto teacher_pack = load_pack<VEC>(teacher_row + k * p.teacher_stride + pk * VEC);
+        acc_t* teacher_stats = stats + kSlotTeacher + kTeacherSlots * k;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const acc_t x = static_cast<acc_t>(teacher_pack.v[j]);
-          if (!(x < kInf)) stats[kSlotBad] = 1;
-          lse_merge(stats[kSlotTeacher + 2 * k], stats[kSlotTeacher + 2 * k + 1],
-                    x * inv_temperature, acc_t(1));
+          const acc_t y = static_cast<acc_t>(teacher_pack.v[j]);
+          if (!(y < kInf)) stats[kSlotBad] = 1;
+          lse_merge(teacher_stats[0], teacher_stats[1], y * inv_temperature, acc_t(1));
+          teacher_stats[2] += gap_term(xs[j] * inv_temperature, y * inv_temperature,
+                                       (y - xs[j]) * inv_temperature, stats[kSlotStudent]);
         }
       }
     }
@@ -250,10 +350,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
         [&](acc_t(&mine)[kNumSlots], const acc_t(&other)[kNumSlots]) {
           mine[kSlotBad] += other[kSlotBad];
           mine[kSlotLabel] += other[kSlotLabel];
+          acc_t mine_scale, other_scale;
+          lse_merge_scaled(mine[kSlotStudent], mine[kSlotStudent + 1], other[kSlotStudent],
+                           other[kSlotStudent + 1], mine_scale, other_scale);
+          lse_merge(mine[kSlotRaw], mine[kSlotRaw + 1], other[kSlotRaw], other[kSlotRaw + 1]);
 #pragma unroll
-          for (int slot = kSlotStudent; slot < kNumSlots; slot += 2)
-            if (slot < used_slots)
-              lse_merge(mine[slot], mine[slot + 1], other[slot], other[slot + 1]);
+          for (int k = 0; k < kMaxK; ++k) {
+            const int slot = kSlotTeacher + kTeacherSlots * k;
+            if (slot >= used_slots) break;
+            lse_merge(mine[slot], mine[slot + 1], other[slot], other[slot + 1]);
+            mine[slot + 2] = mine[slot + 2] * mine_scale + other[slot + 2] * other_scale;
+          }
         });
 
     const acc_t lse_student = lse_final(stats[kSlotStudent], stats[kSlotStudent + 1]);
@@ -265,7 +372,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
 #pragma unroll
     for (int k = 0; k < kMaxK; ++k) {
       lse_teacher[k] = k < num_teachers
-                           ? lse_final(stats[kSlotTeacher + 2 * k], stats[kSlotTeacher + 2 * k + 1])
+                           ? lse_final(stats[kSlotTeacher + kTeacherSlots * k],
+                                       stats[kSlotTeacher + kTeacherSlots * k + 1])
                            : acc_t(0);
       bad = bad || (k < num_teachers && !(lse_teacher[k] > -kInf));
     }
@@ -274,15 +382,29 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
       continue;
     }
 
-    // Calls visit(pk, x, log_p_s, p_s, log_p_t, p_t) on each of this thread's packs (arrays
-    // over the pack's VEC columns, x the raw student logits). One teacher keeps
+    // delta_k = lse_k - lse_S as log1p(gap_k / sum_S), which keeps its digits when student
+    // and teacher are close; the plain difference where |delta| > 1 or the gap is unusable.
+    acc_t delta[kMaxK];
+#pragma unroll
+    for (int k = 0; k < kMaxK; ++k) {
+      const acc_t ratio = stats[kSlotTeacher + kTeacherSlots * k + 2] / stats[kSlotStudent + 1];
+      const acc_t lse_gap = lse_teacher[k] - lse_student;
+      const bool usable = dev_abs(lse_gap) <= acc_t(1) && ratio > acc_t(-1) && ratio < kInf;
+      delta[k] = usable ? dev_log1p(ratio) : lse_gap;
+    }
+
+    // Calls visit(pk, x, log_p_s, p_s, log_p_t, p_t, u, em, near) on each of this thread's
+    // packs (arrays over the pack's VEC columns, x the raw student logits). One teacher keeps
     // log p_T = z - lse exact; an ensemble takes a logsumexp over the teachers, so that
-    // log p_T stays finite where p_T underflows.
+    // log p_T stays finite where p_T underflows. u = log p_T - log p_S in log-ratio form:
+    // (y - x) / T - delta (logits subtracted first), K teachers u = log1p(mean_k expm1(u_k));
+    // used where near (every |u_k| <= 1/2), u = em = 0 elsewhere.
     auto sweep = [&](auto&& visit) {
       for (int pk = lane; pk < packs; pk += team_size) {
         const auto student_pack = load_pack<VEC>(student_row + pk * VEC);
-        acc_t x[VEC], log_p_s[VEC], p_s[VEC], log_p_t[VEC], p_t[VEC];
+        acc_t x[VEC], log_p_s[VEC], p_s[VEC], log_p_t[VEC], p_t[VEC], u[VEC], em[VEC];
         acc_t mix_max[VEC], mix_sum[VEC];
+        bool near[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           x[j] = static_cast<acc_t>(student_pack.v[j]);
@@ -290,6 +412,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
           p_s[j] = dev_exp(log_p_s[j]);
           mix_max[j] = -kInf;
           mix_sum[j] = 0;
+          near[j] = true;
+          em[j] = 0;
         }
 #pragma unroll
         for (int k = 0; k < kMaxK; ++k) {
@@ -297,18 +421,28 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
           const auto teacher_pack = load_pack<VEC>(teacher_row + k * p.teacher_stride + pk * VEC);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const acc_t z = static_cast<acc_t>(teacher_pack.v[j]) * inv_temperature;
-            log_p_t[j] = z - lse_teacher[k];
+            const acc_t y = static_cast<acc_t>(teacher_pack.v[j]);
+            log_p_t[j] = y * inv_temperature - lse_teacher[k];
             if (kMaxK > 1) lse_merge(mix_max[j], mix_sum[j], log_p_t[j], acc_t(1));
+            u[j] = (y - x[j]) * inv_temperature - delta[k];
+            const bool ok = dev_abs(u[j]) <= acc_t(kLogRatioLimit);
+            near[j] = near[j] && ok;
+            if (kMaxK > 1) em[j] += ok ? dev_expm1(u[j]) : acc_t(0);
           }
         }
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          if (kMaxK > 1 && num_teachers > 1)
+          if (kMaxK > 1 && num_teachers > 1) {
             log_p_t[j] = lse_final(mix_max[j], mix_sum[j]) - log_k;
+            em[j] = near[j] && !one_class ? em[j] / static_cast<acc_t>(num_teachers) : acc_t(0);
+            u[j] = dev_log1p(em[j]);
+          } else {
+            u[j] = near[j] && !one_class ? u[j] : acc_t(0);
+            em[j] = dev_expm1(u[j]);
+          }
           p_t[j] = dev_exp(log_p_t[j]);
         }
-        visit(pk, x, log_p_s, p_s, log_p_t, p_t);
+        visit(pk, x, log_p_s, p_s, log_p_t, p_t, u, em, near);
       }
     };
 
@@ -316,14 +450,21 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
     acc_t row_sums[2] = {0, 0};
     if (has_row_sums) {
       sweep([&](int, const auto& x, const auto& log_p_s, const auto& p_s, const auto& log_p_t,
-                const auto& p_t) {
+                const auto& p_t, const auto& u, const auto& em, const auto& near) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           if (p.kind == KDKind::ReverseKL) {
-            if (p_s[j] > acc_t(0)) row_sums[0] += p_s[j] * (log_p_s[j] - log_p_t[j]);
+            if (near[j]) {
+              row_sums[0] += p_s[j] * psi(u[j], em[j]);
+            } else {
+              // p_S log(p_S / p_T) + p_T - p_S: the same term as above, per class.
+              if (p_s[j] > acc_t(0)) row_sums[0] += p_s[j] * (log_p_s[j] - log_p_t[j]);
+              row_sums[0] += p_t[j] - p_s[j];
+            }
           } else {
             acc_t loss_term, h;
-            jsd_column(p_s[j], log_p_s[j], p_t[j], log_p_t[j], p.beta, loss_term, h);
+            jsd_column(p_s[j], log_p_s[j], p_t[j], log_p_t[j], u[j], em[j], near[j], p.beta,
+                       loss_term, h);
             row_sums[0] += loss_term;
             row_sums[1] += p_s[j] * h;
           }
@@ -339,21 +480,30 @@ __global__ void __launch_bounds__(kMaxBlockThreads, (kMaxK == 1 && VEC <= 4) ? 2
     if (!has_row_sums || grad_row != nullptr) {
       acc_t loss_sum[1] = {0};
       sweep([&](int pk, const auto& x, const auto& log_p_s, const auto& p_s, const auto& log_p_t,
-                const auto& p_t) {
+                const auto& p_t, const auto& u, const auto& em, const auto& near) {
         Pack<scalar_t, VEC> grad_pack;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          acc_t g = p_s[j] - p_t[j];  // d soft / d z_S for kl and soft_ce
-          if (p.kind == KDKind::KL) {
-            if (p_t[j] > acc_t(0)) loss_sum[0] += p_t[j] * (log_p_t[j] - log_p_s[j]);
-          } else if (p.kind == KDKind::SoftCE) {
-            if (p_t[j] > acc_t(0)) loss_sum[0] -= p_t[j] * log_p_s[j];
+          // d soft / d z_S for kl and soft_ce: p_S - p_T, as -p_S expm1(u) where near.
+          acc_t g = near[j] ? -p_s[j] * em[j] : p_s[j] - p_t[j];
+          if (p.kind == KDKind::KL || p.kind == KDKind::SoftCE) {
+            if (near[j]) {
+              loss_sum[0] += p_s[j] * phi(u[j], em[j]);
+            } else {
+              // p_T log(p_T / p_S) - p_T + p_S: the same term as above, per class.
+              if (p_t[j] > acc_t(0)) loss_sum[0] += p_t[j] * (log_p_t[j] - log_p_s[j]);
+              loss_sum[0] += p_s[j] - p_t[j];
+            }
+            // soft CE = KL + H(p_T)
+            if (p.kind == KDKind::SoftCE && p_t[j] > acc_t(0))
+              loss_sum[0] -= p_t[j] * log_p_t[j];
           } else if (p.kind == KDKind::ReverseKL) {
-            const acc_t ratio = log_p_s[j] - log_p_t[j];
-            g = p_s[j] > acc_t(0) ? p_s[j] * (ratio - row_sums[0]) : acc_t(0);
+            const acc_t h = near[j] ? -u[j] : log_p_s[j] - log_p_t[j];
+            g = p_s[j] > acc_t(0) ? p_s[j] * (h - row_sums[0]) : acc_t(0);
           } else {
             acc_t loss_term, h;
-            jsd_column(p_s[j], log_p_s[j], p_t[j], log_p_t[j], p.beta, loss_term, h);
+            jsd_column(p_s[j], log_p_s[j], p_t[j], log_p_t[j], u[j], em[j], near[j], p.beta,
+                       loss_term, h);
             g = p_s[j] > acc_t(0) ? p_s[j] * (h - row_sums[1]) : acc_t(0);
           }
           if (grad_row == nullptr) continue;  // loss only
@@ -390,7 +540,7 @@ void launch_kd_loss(KDParams<scalar_t> params, cudaStream_t stream) {
     // About four packs per thread per pass keeps enough loads in flight, while medium rows do
     // not pay block-wide reductions for mostly idle threads.
     threads = 128;
-    while (threads < kMaxBlockThreads && threads * 4 < packs) threads *= 2;
+    while (threads < max_block_threads(kMaxK) && threads * 4 < packs) threads *= 2;
   } else {
     // Smallest power-of-two slice of a warp that gives every lane at least one pack, so tiny
     // rows do not leave most of a warp idle.
