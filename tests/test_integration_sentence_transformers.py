@@ -12,7 +12,8 @@ import torch
 from trainer_runs import save_tiny_bert
 
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers import losses, util  # noqa: E402
+from sentence_transformers import util  # noqa: E402
+from sentence_transformers.sentence_transformer import losses  # noqa: E402
 
 from kd_kernels.integrations.sentence_transformers import (  # noqa: E402
     FusedMultipleNegativesRankingLoss,
@@ -34,10 +35,11 @@ LOSS_FORMS = {
 
 
 def build_model(directory):
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     return SentenceTransformer(
-        modules=[models.Transformer(str(directory), max_seq_length=24), models.Pooling(32, "mean")],
+        modules=[Transformer(str(directory), max_seq_length=24), Pooling(32, "mean")],
         device="cpu",
     )
 
