@@ -36,7 +36,7 @@ def test_kd_loss_tiles_are_powers_of_two(monkeypatch, interpreting, teachers):
             block_n, block_c, num_warps = kd_loss_triton._launch_config(rows, classes, teachers)
             assert _is_power_of_2(block_n) and _is_power_of_2(block_c), (rows, classes)
             assert block_c <= triton.next_power_of_2(classes)
-            assert num_warps in (4, 8)
+            assert num_warps in (1, 2, 4, 8)
 
 
 NATIVE_SCRIPT = """

@@ -383,6 +383,10 @@ def _launch_config(
     tile = TILE_ELEMENTS * (4 if triton_interpreting() else 1)  # fewer programs to interpret
     # K teachers share the tile; tl.arange needs powers of two, so round the share down.
     tile = max(_previous_power_of_2(tile // num_teachers), 256)
+    if num_classes % 16 and not triton_interpreting():
+        # Rows not on 16-element boundaries load element by element, each with its own 64-bit
+        # address: half the tile keeps them in registers (C = 50257 spilled with Triton 3.6).
+        tile = max(tile // 2, 256)
     block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_COLUMNS, tile)
     block_n = max(1, min(triton.next_power_of_2(num_rows), tile // block_c))
     if not triton_interpreting():
@@ -390,7 +394,8 @@ def _launch_config(
         # more than two rows per thread spill on sm_80 / sm_90.
         block_n = min(block_n, MAX_BLOCK_ROWS)
         block_n = min(block_n, _previous_power_of_2(max(1, num_rows // (2 * multiprocessors))))
-    elements = block_n * block_c
+    # Warps follow the loads per step, the K teachers' included (K = 16 on 2 warps spilled).
+    elements = block_n * block_c * (1 + num_teachers) // 2
     num_warps = 8 if elements >= 4096 else 4 if elements >= 1024 else 2 if elements >= 256 else 1
     return block_n, block_c, num_warps
 
