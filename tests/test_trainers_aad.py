@@ -93,10 +93,13 @@ def test_kd_term_is_t_squared_kl_of_source_to_target():
     _, logs = adaptation("encoder", inputs, inputs)
     teacher = source.head()(source.embed(inputs)) / 20
     student = adaptation.target.head()(adaptation.target.embed(inputs)) / 20
+    # In float64: at t = 20 the two distributions are close, and eager fp32 kl_div loses ~0.4%
+    # to cancellation where kd_loss's log-ratio form does not.
+    student, teacher = student.double(), teacher.double()
     expected = 400 * torch.nn.functional.kl_div(
         student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
     )
-    torch.testing.assert_close(logs["kd"], expected.detach(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(logs["kd"].double(), expected.detach(), rtol=1e-4, atol=1e-7)
     assert logs["kd"] > 0
 
 
