@@ -30,11 +30,16 @@ import kd_kernels as kdk
 KINDS = ("kl", "soft_ce", "reverse_kl", "jsd")
 
 
-def exact_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str, beta: float):
-    """Per-row loss in float64 from log_softmax (teacher (K, N, C): mean of probabilities)."""
-    log_p_s = torch.log_softmax(student.double() / t, -1)
-    log_p_t = torch.logsumexp(torch.log_softmax(teacher.double() / t, -1), 0)
-    log_p_t = log_p_t - torch.log(torch.tensor(float(teacher.shape[0]), dtype=torch.float64))
+def composed_loss(
+    student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str, beta: float = 0.5
+) -> torch.Tensor:
+    """Batchmean loss composed from log_softmax in the student's dtype (teacher (K, N, C):
+    mean of probabilities): in float64 the ground truth, in float32 eager PyTorch as users
+    write it."""
+    teacher = teacher.to(student.dtype)
+    log_p_s = torch.log_softmax(student / t, -1)
+    log_p_t = torch.logsumexp(torch.log_softmax(teacher / t, -1), 0)
+    log_p_t = log_p_t - torch.log(torch.tensor(float(teacher.shape[0]), dtype=student.dtype))
     p_s, p_t = log_p_s.exp(), log_p_t.exp()
     if kind == "kl":
         terms = p_t * (log_p_t - log_p_s)
@@ -71,7 +76,7 @@ def measure(rows, classes, noise, t, kind, teachers, backends, generator) -> dic
     if teachers == 1:
         teacher = teacher[0]
     s64 = student.double().requires_grad_()
-    loss64 = exact_loss(s64, teacher.reshape(-1, rows, classes), t, kind, beta)
+    loss64 = composed_loss(s64, teacher.reshape(-1, rows, classes), t, kind, beta)
     (grad64,) = torch.autograd.grad(loss64, s64)
     loss64 = loss64.detach()
     out = {}
@@ -79,7 +84,7 @@ def measure(rows, classes, noise, t, kind, teachers, backends, generator) -> dic
     for backend in backends:
         s = student.clone().requires_grad_()
         if backend == "eager":
-            loss = exact_loss_fp32(s, teacher.reshape(-1, rows, classes), t, kind, beta)
+            loss = composed_loss(s, teacher.reshape(-1, rows, classes), t, kind, beta)
         elif backend.startswith("fused"):
             hh = h.clone().requires_grad_()
             chunk = rows if backend == "fused rows" else (rows, max(1, classes // 3))
@@ -99,25 +104,6 @@ def measure(rows, classes, noise, t, kind, teachers, backends, generator) -> dic
         (grad,) = torch.autograd.grad(loss, s)
         out[backend] = errors(loss, grad, loss64, grad64)
     return out
-
-
-def exact_loss_fp32(student, teacher, t, kind, beta):
-    """The usual composition, all in float32."""
-    log_p_s = torch.log_softmax(student / t, -1)
-    log_p_t = torch.logsumexp(torch.log_softmax(teacher / t, -1), 0) - torch.log(
-        torch.tensor(float(teacher.shape[0]))
-    )
-    p_s, p_t = log_p_s.exp(), log_p_t.exp()
-    if kind == "kl":
-        terms = p_t * (log_p_t - log_p_s)
-    elif kind == "soft_ce":
-        terms = -p_t * log_p_s
-    elif kind == "reverse_kl":
-        terms = p_s * (log_p_s - log_p_t)
-    else:
-        log_m = torch.log(beta * p_t + (1 - beta) * p_s)
-        terms = beta * p_t * (log_p_t - log_m) + (1 - beta) * p_s * (log_p_s - log_m)
-    return (terms.sum(-1) * t * t).mean()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -8,29 +8,12 @@ import torch.nn.functional as F
 from conftest import cpu_backends, device_for
 
 import kd_kernels as kdk
+from benchmarks.kd_precision import composed_loss
 from kd_kernels import reference
 
 KINDS = reference.KD_KINDS
 BACKENDS = ["torch", *cpu_backends()]
 LOSS_RTOL, GRAD_RTOL = 1e-3, 1e-4
-
-
-def exact_loss(student, teacher, t, kind, beta=0.5):
-    """Batchmean loss in float64 through log_softmax: the ground truth (teacher (K, N, C))."""
-    log_p_s = torch.log_softmax(student.double() / t, -1)
-    log_p_t = torch.logsumexp(torch.log_softmax(teacher.double() / t, -1), 0)
-    log_p_t = log_p_t - torch.log(torch.tensor(float(teacher.shape[0]), dtype=torch.float64))
-    p_s, p_t = log_p_s.exp(), log_p_t.exp()
-    if kind == "kl":
-        terms = p_t * (log_p_t - log_p_s)
-    elif kind == "soft_ce":
-        terms = -p_t * log_p_s
-    elif kind == "reverse_kl":
-        terms = p_s * (log_p_s - log_p_t)
-    else:
-        log_m = torch.log(beta * p_t + (1 - beta) * p_s)
-        terms = beta * p_t * (log_p_t - log_m) + (1 - beta) * p_s * (log_p_s - log_m)
-    return terms.sum(-1).mean() * t * t
 
 
 def close_pair(rows, classes, teachers, noise, generator):
@@ -42,7 +25,7 @@ def close_pair(rows, classes, teachers, noise, generator):
 
 def relative_errors(loss, grad, student, teacher, t, kind):
     s64 = student.double().requires_grad_()
-    loss64 = exact_loss(s64, teacher.reshape(-1, *student.shape), t, kind)
+    loss64 = composed_loss(s64, teacher.reshape(-1, *student.shape), t, kind)
     (grad64,) = torch.autograd.grad(loss64, s64)
     loss_error = abs(loss.item() - loss64.item()) / abs(loss64.item())
     grad_error = (grad.double().cpu() - grad64).abs().max() / grad64.abs().max()
@@ -133,7 +116,7 @@ def test_fused_head_keeps_its_digits(kind, chunk_size):
     )
     (grad_h,) = torch.autograd.grad(loss, hh)
     s64 = student.double().requires_grad_()
-    loss64 = exact_loss(s64, teacher[None], 4.0, kind)
+    loss64 = composed_loss(s64, teacher[None], 4.0, kind)
     (grad64,) = torch.autograd.grad(loss64, s64)
     grad64 = grad64 @ w.double()
     assert abs(loss.item() - loss64.item()) / abs(loss64.item()) < LOSS_RTOL
