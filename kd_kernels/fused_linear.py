@@ -161,8 +161,9 @@ def fused_linear_kd_loss(
         return total / (divisor.to(total.dtype) if torch.is_tensor(divisor) else divisor)
     transforms = (softcap, logit_scale, teacher_softcap, teacher_logit_scale)
     if process_group is not None and any(x is not None for x in transforms):
-        raise ValueError(
-            "softcap / logit_scale (and the teacher's) are not implemented with process_group"
+        raise NotImplementedError(
+            "fused_linear_kd_loss: softcap / logit_scale (and the teacher's) are not "
+            "implemented with process_group (vocabulary-parallel heads)"
         )
     if process_group is not None:
         from kd_kernels import vocab_parallel

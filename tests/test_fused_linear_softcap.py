@@ -138,3 +138,14 @@ def test_teacher_transform_needs_a_teacher_head():
     h, w, *_ = _inputs("cpu")
     with pytest.raises(ValueError, match="teacher head"):
         kdk.fused_linear_kd_loss(h, w, torch.randn(6, 30), teacher_softcap=3.0)
+
+
+@pytest.mark.parametrize("transform", ["softcap", "logit_scale", "teacher_softcap"])
+def test_transforms_with_process_group_are_not_implemented(transform):
+    """Refused before the group is used, so a stand-in group object suffices here."""
+    h, w, _, th, tw, _ = _inputs("cpu")
+    with pytest.raises(NotImplementedError, match="process_group"):
+        kdk.fused_linear_kd_loss(
+            h, w, teacher_hidden=th, teacher_weight=tw, process_group=object(),
+            **{transform: 2.0},
+        )  # fmt: skip
