@@ -494,14 +494,15 @@ def _row(result: dict, kernel: dict | None) -> str:
     )
 
 
-_TABLE: tuple[bool, int | None] = (False, None)
+# The table of this run, (case, arch) pairs, and --max-spills: set before the pool forks, so
+# a worker gets an index and finds its case here.
+_WORK: list[tuple[Case, Arch]] = []
+_MAX_SPILLS: int | None = None
 
 
-def _check_one(work: tuple[int, str, int]) -> dict:
-    capability, family, index = work
-    full, max_spills = _TABLE
-    case = list(FAMILIES[family](full))[index]
-    return check_case(case, ARCHS[capability], max_spills)
+def _check_one(index: int) -> dict:
+    case, arch = _WORK[index]
+    return check_case(case, arch, _MAX_SPILLS)
 
 
 class _InProcess:
@@ -530,20 +531,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"check_triton: triton {triton.__version__} ({Path(triton.__file__).parent}), "
           f"torch {torch.__version__}")  # fmt: skip
     started = time.perf_counter()
-    work = [
-        (capability, family, index)
+    global _WORK, _MAX_SPILLS
+    _WORK = [
+        (case, ARCHS[capability])
         for capability in args.arch
         for family in args.only or FAMILIES
-        for index, _ in enumerate(FAMILIES[family](args.full))
+        for case in FAMILIES[family](args.full)
     ]
-    global _TABLE
-    _TABLE = (args.full, args.max_spills)
+    _MAX_SPILLS = args.max_spills
     results = []
     # Compiles are single-threaded (Triton's passes, ptxas): a forked pool runs them in
     # parallel; the stand-in driver and every tensor are per process.
     context = multiprocessing.get_context("fork")
     with context.Pool(args.jobs) if args.jobs > 1 else _InProcess() as pool:
-        for result in pool.imap(_check_one, work):
+        for result in pool.imap(_check_one, range(len(_WORK))):
             results.append(result)
             bad = "error" in result or result["problems"]
             if not args.quiet or bad:
