@@ -203,14 +203,26 @@ def _info_nce_fused_not_differentiable(ctx: Any, *grads: Any) -> tuple:
     )
 
 
-class InfoNCEGradInForward(torch.autograd.Function):
-    """info_nce_loss reduced by ``"mean"`` or ``"sum"`` on the cpu and cuda backends.
+def register_info_nce_fused_op(fused_op: str) -> None:
+    """Registers the fake implementation of one backend's ``info_nce_fused`` op and an
+    autograd formula that refuses: the op returns its own gradients."""
+    torch.library.register_fake(fused_op)(_info_nce_fused_fake)
+    torch.library.register_autograd(
+        fused_op, _info_nce_fused_not_differentiable, setup_context=lambda ctx, inputs, output: None
+    )
 
-    The row weights of the objective are known in forward (1/N or 1), so forward runs
-    ``info_nce_fused``, which forms the gradients along with the loss: three matmuls where the
-    forward op plus a backward that recomputes the similarities take four, and for the
-    symmetric loss one walk over the similarities instead of one per direction. Backward only
-    scales the gradients by the scalar ``grad_output`` (out of place: it may run twice).
+
+class InfoNCEGradInForward(torch.autograd.Function):
+    """info_nce_loss reduced by ``"mean"`` or ``"sum"`` on the cpu, cuda and triton backends.
+
+    The row weights of the objective are known in forward (1/N or 1), so forward runs the
+    backend's fused op (``fused``: ``torch.ops.kd_kernels.info_nce_fused`` or its Triton twin
+    ``info_nce_fused_triton``), which forms the gradients along with the loss: on cpu/cuda
+    three matmuls where the forward op plus a backward that recomputes the similarities take
+    four (Triton, which never holds a block of similarities: four where it took five), and
+    for the symmetric loss one walk for both directions instead of one per direction.
+    Backward only scales the gradients by the scalar ``grad_output`` (out of place: it may
+    run twice).
     """
 
     @staticmethod
@@ -223,11 +235,12 @@ class InfoNCEGradInForward(torch.autograd.Function):
         cosine: bool,
         symmetric: bool,
         reduction: str,
+        fused: Callable,
     ) -> torch.Tensor:
         count = query.shape[0]
         weight = 1.0 / count if reduction == "mean" else 1.0
         row_weight = torch.full((count,), weight, dtype=temperature.dtype, device=query.device)
-        losses, grad_query, grad_key, grad_temperature = torch.ops.kd_kernels.info_nce_fused(
+        losses, grad_query, grad_key, grad_temperature = fused(
             query, key, labels, temperature, cosine, row_weight, symmetric
         )
         ctx.save_for_backward(grad_query, grad_key, grad_temperature)
@@ -241,6 +254,7 @@ class InfoNCEGradInForward(torch.autograd.Function):
             grad_key * grad_output.to(grad_key.dtype),
             None,
             grad_temperature * grad_output.to(grad_temperature.dtype),
+            None,
             None,
             None,
             None,
@@ -279,9 +293,4 @@ if HAS_EXTENSION:
         "kd_kernels::info_nce_backward",
         torch.ops.kd_kernels.info_nce_backward,
     )
-    torch.library.register_fake("kd_kernels::info_nce_fused")(_info_nce_fused_fake)
-    torch.library.register_autograd(
-        "kd_kernels::info_nce_fused",
-        _info_nce_fused_not_differentiable,
-        setup_context=lambda ctx, inputs, output: None,
-    )
+    register_info_nce_fused_op("kd_kernels::info_nce_fused")

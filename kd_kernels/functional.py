@@ -621,7 +621,14 @@ def info_nce_loss(
     if fuse:
         temperature = _info_nce_temperature_tensor(temperature, query)
         return _ops.InfoNCEGradInForward.apply(
-            query, key, labels, temperature, cosine, symmetric, reduction
+            query,
+            key,
+            labels,
+            temperature,
+            cosine,
+            symmetric,
+            reduction,
+            _info_nce_fused_op(chosen),
         )
     losses = _info_nce_rows(chosen, query, keys, labels, temperature, cosine)
     if symmetric:
@@ -656,10 +663,10 @@ def _info_nce_gradient_in_forward(
     key: torch.Tensor,
     temperature: float | torch.Tensor,
 ) -> bool:
-    """Whether the fused loss-and-gradient op serves this call: a cpu or cuda backend, a
-    scalar reduction (row weights known in forward), no gathered keys (the symmetric walk needs
-    one shared similarity matrix) and a gradient to form."""
-    if backend not in ("cpu", "cuda") or reduction == "none" or gather_distributed:
+    """Whether the fused loss-and-gradient op serves this call: a cpu, cuda or triton backend,
+    a scalar reduction (row weights known in forward), no gathered keys (the symmetric walk
+    needs one shared similarity matrix) and a gradient to form."""
+    if backend not in ("cpu", "cuda", "triton") or reduction == "none" or gather_distributed:
         return False
     temperature_grad = isinstance(temperature, torch.Tensor) and temperature.requires_grad
     wants_grad = query.requires_grad or key.requires_grad or temperature_grad
@@ -691,6 +698,15 @@ def _info_nce_rows(
     temperature = _info_nce_temperature_tensor(temperature, query)
     losses, _ = _info_nce_op(backend)(query, key, labels.contiguous(), temperature, cosine)
     return losses
+
+
+def _info_nce_fused_op(backend: str):
+    """The backend's loss-and-gradient op (contract of ``kd_kernels::info_nce_fused``)."""
+    if backend == "triton":
+        from kd_kernels.triton import info_nce as triton_info_nce
+
+        return triton_info_nce.info_nce_fused_triton
+    return torch.ops.kd_kernels.info_nce_fused
 
 
 def _info_nce_op(backend: str):
