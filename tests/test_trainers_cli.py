@@ -104,7 +104,7 @@ def run_error(capsys, *argv) -> str:
         (["--config=/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
         (["--mode=general"], "mode=general needs general_data"),
         (["--teacher=tiny:4x63"], "tiny width must be a multiple of 4"),
-        (["--teacher=/no/such/model"], "is neither 'minilm', 'tiny[:LxH]' nor a local"),
+        (["--teacher=/no/such/model"], "is neither 'minilm', 'mpnet', 'tiny[:LxH]' nor a local"),
     ],
 )
 def test_bad_config_one_line_error(capsys, tmp_path, argv, fragment):

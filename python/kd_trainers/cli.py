@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         add_config_arguments(sub, module.CONFIG)
-    data = commands.add_parser("data", help="list or fetch the built-in offline datasets")
+    data = commands.add_parser(
+        "data", help="list or fetch the built-in offline datasets and models (mpnet)"
+    )
     data.add_argument("action", choices=["list", "fetch"])
-    data.add_argument("names", nargs="*", help="dataset names for fetch ('all' for every one)")
+    data.add_argument("names", nargs="*", help="names for fetch ('all': every dataset)")
     return parser
 
 

@@ -545,11 +545,22 @@ def load_splits(
 
 # ------------------------------------------------------------------------------ CLI
 
-_USAGE = "usage: kd-train data list | kd-train data fetch NAME [NAME ...] | kd-train data fetch all"
+_USAGE = (
+    "usage: kd-train data list | kd-train data fetch NAME [NAME ...] | kd-train data fetch all"
+    " (every dataset; models such as mpnet only by name)"
+)
 
 
 def data_command(argv: list[str]) -> int:
-    """``list``: built-ins, fetched or not; ``fetch NAME ...`` / ``fetch all``: download them."""
+    """``list``: built-ins, fetched or not; ``fetch NAME ...`` / ``fetch all``: download them.
+    Built-in models (``mpnet``) are fetched by name only (``all`` means every dataset)."""
+    from kd_trainers.model_fetch import (
+        BUILTIN_MODELS,
+        MODEL_DESCRIPTIONS,
+        fetch_split_model,
+        is_model_fetched,
+    )
+
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if argv else 2
@@ -558,14 +569,23 @@ def data_command(argv: list[str]) -> int:
         print(f"cache: {default_cache_dir()}")
         for name, description in BUILTIN_DATASETS.items():
             print(f"{name:<30} {'fetched' if is_fetched(name) else '-':<8} {description}")
+        for name, description in MODEL_DESCRIPTIONS.items():
+            fetched = is_model_fetched(BUILTIN_MODELS[name], default_cache_dir())
+            print(f"{name + ' (model)':<30} {'fetched' if fetched else '-':<8} {description}")
         return 0
     if command == "fetch" and names:
+        models = [name for name in names if name in BUILTIN_MODELS]
+        names = [name for name in names if name not in BUILTIN_MODELS]
         names = list(_BUILTINS) if "all" in names else names
         for name in names:
             _package(name)  # unknown names fail before any download
         for name in dict.fromkeys(names):
             state = "already in the cache" if is_fetched(name) else "fetched"
             print(f"{name}: {state} ({fetch(name)})", flush=True)
+        for name in dict.fromkeys(models):
+            spec, cache = BUILTIN_MODELS[name], default_cache_dir()
+            state = "already in the cache" if is_model_fetched(spec, cache) else "fetched"
+            print(f"{name}: {state} ({fetch_split_model(spec, cache)})", flush=True)
         return 0
     print(f"unknown data command {' '.join(argv)!r}; {_USAGE}", file=sys.stderr)
     return 2

