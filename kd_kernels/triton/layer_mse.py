@@ -73,8 +73,12 @@ def _layer_mse_kernel(
     teacher_offset = b * t_stride_b + h * t_stride_h + r * t_stride_r
     grad_offset = rows64 * columns
     if ROW_ALIGN > 1:  # every row starts on a 16-byte boundary (the launcher checked strides)
-        # and C is a multiple of the vector: the column mask is uniform over each vector.
-        columns = tl.multiple_of(columns, ROW_ALIGN)
+        # and C is a multiple of the vector: the column mask is uniform over each vector. Triton
+        # knows an integer argument's divisibility only by 16 (C = 312 bf16: 624-byte rows, yet
+        # 8-byte loads), and tl.multiple_of on an argument itself is lost; C // ROW_ALIGN *
+        # ROW_ALIGN (the same value: the host checked C % ROW_ALIGN == 0) is a product that the
+        # compiler's alignment analysis reads as a multiple of ROW_ALIGN.
+        columns = columns // ROW_ALIGN * ROW_ALIGN
         student_offset = tl.multiple_of(student_offset, ROW_ALIGN)
         teacher_offset = tl.multiple_of(teacher_offset, ROW_ALIGN)
         grad_offset = tl.multiple_of(grad_offset, ROW_ALIGN)
