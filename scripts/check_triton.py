@@ -36,6 +36,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -227,6 +228,103 @@ class Case:
     launch: Callable[[], None]
     # Bytes an ideal implementation moves (one read of each input, one write of each output).
     ideal_bytes: int = 0
+    # The bytes the recorded launches move, modeled from each launch's grid and block sizes
+    # (the family's *_modeled_bytes below); None for a kernel the model does not know.
+    modeled: Callable[[Launch], int | None] | None = None
+
+
+# --- modeled bytes per launch -----------------------------------------------------------------
+# Global-memory bytes that the programs of one launch load and store, as its tiling sets them:
+# every program's own tile loads counted (what one program re-reads of what another read is not
+# credited to the L2), a tile's padding past the tensor's edge not. A ratio to the ideal above 1
+# is the price of the tiling (InfoNCE's key re-reads, kd_loss's second and third sweeps). Rows
+# a row mask leaves unread are counted (the mask's content is not known statically).
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kd_loss_modeled_bytes(
+    launch: Launch, rows: int, classes: int, teachers: int, size: int
+) -> int | None:
+    """_kd_loss_kernel: each pass over a row reads the student and the K teachers (pass A:
+    statistics; B: reverse KL / JSD sums; C: loss and gradient, with the gradient write).
+    PHASE 0 runs them all in one program; split rows (grid[1] > 1) run one pass per launch
+    (PHASE 1, 2, 3) and exchange per-(row, split) partial states through memory."""
+    if launch.kernel != "_kd_loss_kernel":
+        return None
+    c = launch.constexprs
+    phase, kind, write_grad = c["PHASE"], c["KIND"], c["WRITE_GRAD"]
+    splits = launch.grid[1]
+    passes = {
+        0: 1 + (kind >= 2) + (kind < 2 or write_grad),
+        1: 1,
+        2: 1,
+        3: 1,
+    }[phase]
+    total = passes * rows * classes * size * (1 + teachers)
+    if write_grad and phase in (0, 3):
+        total += rows * classes * size
+    # Every (row, split) program reads the row's label and mask; the phase that forms the
+    # loss writes it, with the label's student logit for the hard CE.
+    writes_loss = phase == 0 or (phase == 2 and kind >= 2) or (phase == 3 and kind < 2)
+    per_program = 8 * c["HAS_LABELS"] + c["HAS_MASK"]
+    per_program += (4 + size * c["HARD"]) if writes_loss else 0
+    per_row = splits * per_program
+    fields = 5 + 3 * c["TEACHER_COLS"]  # the partial statistics of a (row, split)
+    if phase == 1:
+        per_row += splits * fields * 4
+    elif phase in (2, 3):
+        per_row += splits * splits * fields * 4  # every split merges every split's
+        per_row += splits * 2 * 4 if phase == 2 else splits * splits * 4 * (kind >= 2)
+    return total + rows * per_row
+
+
+def layer_mse_modeled_bytes(
+    launch: Launch, rows_per_layer: int, columns: int, size: int
+) -> int | None:
+    """_layer_mse_kernel: one read of each student and teacher element and (backward) one
+    write of its gradient; per row its mask byte, its sum (forward: written; backward: the
+    incoming gradient read, 4 bytes) and, when columns are masked too (attention maps), the
+    key mask's `columns` bytes again for every row; per program its layer's table entries."""
+    if launch.kernel != "_layer_mse_kernel":
+        return None
+    c = launch.constexprs
+    layers = launch.grid[1]
+    backward = c["BACKWARD"]
+    per_element = size * (3 if backward else 2)
+    per_row = 4 + c["HAS_MASK"] + (columns if c["MASK_COLUMNS"] else 0)
+    table = 8 * (4 if backward else 3)
+    programs = launch.grid[0] * layers
+    return layers * rows_per_layer * (columns * per_element + per_row) + programs * table
+
+
+def info_nce_modeled_bytes(launch: Launch, rows: int, keys: int, dim: int, size: int) -> int | None:
+    """The forward and the two backward kernels: every (BLOCK_N, BLOCK_M) similarity tile
+    reads its query and key rows whole (all of D), so a program re-reads the keys (query
+    kernels) or the queries (key kernel) once per tile, and the backward does so once per
+    D / BLOCK_DO slice of its output; the tile product's operand slice is read once more.
+    Gradients are written as fp32 u = W k and v = W^T q (the torch epilogue that makes them
+    d query and d key is not a kernel of this table)."""
+    known = ("_info_nce_forward_kernel", "_info_nce_grad_query_kernel", "_info_nce_grad_key_kernel")
+    if launch.kernel not in known:
+        return None
+    c = launch.constexprs
+    row_tiles, key_tiles = _cdiv(rows, c["BLOCK_N"]), _cdiv(keys, c["BLOCK_M"])
+    similarity = size * dim * (rows * key_tiles + keys * row_tiles)
+    if launch.kernel == "_info_nce_forward_kernel":
+        # + the key scales per tile, the row scales and labels, lse and loss written
+        return similarity + 4 * keys * row_tiles + rows * (4 + 8 + 8)
+    slices = launch.grid[1]
+    if launch.kernel == "_info_nce_grad_query_kernel":
+        # per tile: row scale, label, lse (16 B / row), two key-scale loads (8 B / key)
+        per_slice = similarity + 16 * rows * key_tiles + 8 * keys * row_tiles
+        return slices * (per_slice + 4 * rows) + size * keys * dim * row_tiles + 4 * rows * dim
+    # _info_nce_grad_key_kernel
+    # per tile: row scale, label, lse, row factor (20 B / row), the key scales (4 B / key)
+    per_slice = similarity + 20 * rows * key_tiles + 4 * keys * row_tiles
+    return slices * (per_slice + 4 * keys) + size * rows * dim * key_tiles + 4 * keys * dim
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -281,7 +379,8 @@ def kd_loss_case(
         + (" hard" if hard else "")
         + ("" if grad == "buffer" else f" grad={grad}")
     )
-    return Case(family, name, launch, ideal)
+    model = partial(kd_loss_modeled_bytes, rows=rows, classes=classes, teachers=teachers, size=size)
+    return Case(family, name, launch, ideal, model)
 
 
 def kd_loss_cases(full: bool) -> Iterator[Case]:
@@ -372,7 +471,9 @@ def layer_mse_case(
         + (" misaligned" if misaligned else "")
         + (" bwd" if backward else " fwd")
     )
-    return Case("layer_mse", name, launch, ideal)
+    rows = batch * heads * length
+    model = partial(layer_mse_modeled_bytes, rows_per_layer=rows, columns=columns, size=size)
+    return Case("layer_mse", name, launch, ideal, model)
 
 
 def layer_mse_cases(full: bool) -> Iterator[Case]:
@@ -406,7 +507,9 @@ def info_nce_case(
     size = torch.tensor([], dtype=torch_dtype).element_size()
     ideal = (rows + keys) * dim * size * 2  # read q, k; write their gradients
     similarity = "cosine" if cosine else "dot"
-    return Case("info_nce", f"N={rows} M={keys} D={dim} {similarity} {dtype}", launch, ideal)
+    name = f"N={rows} M={keys} D={dim} {similarity} {dtype}"
+    model = partial(info_nce_modeled_bytes, rows=rows, keys=keys, dim=dim, size=size)
+    return Case("info_nce", name, launch, ideal, model)
 
 
 def info_nce_cases(full: bool) -> Iterator[Case]:
@@ -444,6 +547,7 @@ def check_case(case: Case, arch: Arch, max_spills: int | None) -> dict:
     kernels = []
     problems = []
     for launch in recorder.launches:
+        modeled = case.modeled(launch) if case.modeled else None
         res = resources(launch.compiled)
         programs = 1
         for extent in launch.grid:
@@ -460,6 +564,7 @@ def check_case(case: Case, arch: Arch, max_spills: int | None) -> dict:
                 "programs": programs,
                 "programs_per_sm": per_sm,
                 "waves": round(programs / max(per_sm * arch.sms, 1), 2),
+                "modeled_bytes": modeled,
             }
         )
         if any(e > limit for e, limit in zip(launch.grid, MAX_GRID, strict=False)):
@@ -476,9 +581,19 @@ def check_case(case: Case, arch: Arch, max_spills: int | None) -> dict:
         problems.append("the launcher compiled no kernel")
     result["kernels"] = kernels
     result["ideal_bytes"] = case.ideal_bytes
+    modeled = [k["modeled_bytes"] for k in kernels]
+    known = bool(modeled) and None not in modeled and "error" not in result
+    result["modeled_bytes"] = sum(modeled) if known else None
+    result["modeled_ratio"] = (
+        round(sum(modeled) / case.ideal_bytes, 3) if known and case.ideal_bytes else None
+    )
     result["problems"] = problems
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def _megabytes(count: int | None) -> str:
+    return "n/a" if count is None else f"{count / 1e6:.3g}MB"
 
 
 def _row(result: dict, kernel: dict | None) -> str:
@@ -486,11 +601,16 @@ def _row(result: dict, kernel: dict | None) -> str:
     if kernel is None:
         return f"{head} ERROR {result.get('error', '')}"
     k = kernel
+    # Bytes: this launch's modeled bytes; the case's (all its launches) against the ideal.
+    ratio = result.get("modeled_ratio")
     return (
         f"{head} {k['kernel'][:28]:<28} grid={'x'.join(map(str, k['grid'])):<12} "
         f"w={k['num_warps']} reg={k['registers']:<3} spill={k['spill_stores']:<4} "
         f"smem={k['shared'] // 1024}K ld={k['widest_load']}b st={k['widest_store']}b "
-        f"tc={k['tensor_cores']:<5} prog/SM={k['programs_per_sm']} waves={k['waves']}"
+        f"tc={k['tensor_cores']:<5} prog/SM={k['programs_per_sm']} waves={k['waves']} "
+        f"modeled={_megabytes(k.get('modeled_bytes'))} "
+        f"case modeled/ideal={'n/a' if ratio is None else f'{ratio:.2f}'}"
+        f" (ideal {_megabytes(result.get('ideal_bytes'))})"
     )
 
 
