@@ -112,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor> info_nce_forward_cpu(const at::Tensor& query,
                                                         const at::Tensor& labels,
                                                         const at::Tensor& temperature,
                                                         bool cosine) {
-  return info_nce_forward<info_nce_block_stats_cpu>(query, key, labels, temperature, cosine,
-                                                     kBlockElements);
+  return info_nce_forward<info_nce_block_stats_cpu>(
+      query, key, labels, temperature, cosine, kBlockElements, InfoNCEGemm::kAccumulationType);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
@@ -121,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
     const at::Tensor& labels, const at::Tensor& temperature, const at::Tensor& lse,
     bool cosine) {
   return info_nce_backward<info_nce_block_grad_cpu>(grad_loss, query, key, labels, temperature,
-                                                    lse, cosine, kBlockElements);
+                                                    lse, cosine, kBlockElements,
+                                                    InfoNCEGemm::kAccumulationType);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused_cpu(
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused_cpu(
     const at::Tensor& temperature, bool cosine, const at::Tensor& row_weight, bool symmetric) {
   return info_nce_fused<info_nce_block_stats_cpu, info_nce_block_grad_cpu>(
       query, key, labels, temperature, cosine, row_weight, symmetric, kBlockElements,
-      kKeptElements);
+      kKeptElements, InfoNCEGemm::kAccumulationType);
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 // CUDA block kernels of kd_kernels::info_nce_{forward,backward}; cuBLAS (at::mm in the shared
 // driver, csrc/info_nce.h) makes each (R, M) block of raw dot products, these kernels do the rest.
+// The driver runs with InfoNCEGemm::kInputType: fp16/bf16 inputs go to the tensor cores as they
+// are (fp32 accumulation and output), never through fp32 copies (see csrc/info_nce.h).
 //   * stats: a team owns a row and streams it once with an online (max, sum-exp), so M is
 //     unbounded and nothing is staged in shared memory. Rows of up to kWarpRowMaxCols columns
 //     take a power-of-two slice of a warp (the smallest that gives every lane a pack: in-batch
@@ -232,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_forward_cuda(
     const at::Tensor& temperature, bool cosine) {
   c10::cuda::CUDAGuard device_guard(query.device());
   return info_nce_forward<info_nce_block_stats_cuda>(query, key, labels, temperature, cosine,
-                                                     kBlockElements);
+                                                     kBlockElements, InfoNCEGemm::kInputType);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
@@ -240,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
     const at::Tensor& labels, const at::Tensor& temperature, const at::Tensor& lse, bool cosine) {
   c10::cuda::CUDAGuard device_guard(query.device());
   return info_nce_backward<info_nce_block_grad_cuda>(grad_loss, query, key, labels, temperature,
-                                                     lse, cosine, kBlockElements);
+                                                     lse, cosine, kBlockElements,
+                                                     InfoNCEGemm::kInputType);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused_cuda(
@@ -249,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fused_cuda(
   c10::cuda::CUDAGuard device_guard(query.device());
   return info_nce_fused<info_nce_block_stats_cuda, info_nce_block_grad_cuda>(
       query, key, labels, temperature, cosine, row_weight, symmetric, kBlockElements,
-      kKeptElements);
+      kKeptElements, InfoNCEGemm::kInputType);
 }
 
 TORCH_LIBRARY_IMPL(kd_kernels, CUDA, m) {
