@@ -90,9 +90,19 @@ class DistillConfig(TrainConfig):
     student_lr: float = 1e-4
     temperature: float = 1.0
     baseline: bool = True
+    teacher_head: str = "finetune"
+    linear_head_l2: float = 1e-3
+    teacher_cache: str | None = "auto"
+    teacher_cache_mb: float = 1024.0
 
     def validate(self) -> None:
         super().validate()
+        if self.teacher_head not in ("finetune", "linear"):
+            raise ConfigError(f"teacher_head must be finetune or linear, got {self.teacher_head!r}")
+        if self.linear_head_l2 < 0:
+            raise ConfigError(f"linear_head_l2 must be >= 0, got {self.linear_head_l2}")
+        if self.teacher_cache_mb < 0:
+            raise ConfigError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.student_keep_every < 1:
@@ -123,7 +133,8 @@ HELP: dict[str, str] = {
     "eval_fraction": "share of a dataset held out for evaluation (fixed, seeded split)",
     "max_train": "cap on training examples per dataset (0: all)",
     "max_eval": "cap on evaluation examples per dataset (0: all)",
-    "teacher": "minilm (the packaged all-MiniLM-L6-v2), a local HF directory or tiny[:LxH]",
+    "teacher": "minilm (the packaged all-MiniLM-L6-v2), mpnet (all-mpnet-base-v2, after "
+    "'kd-train data fetch mpnet'), a local HF directory or tiny[:LxH]",
     "student": "teacher (the teacher's layers kept every student_keep_every) or a model name",
     "student_keep_every": "k: the student keeps teacher layers k-1, 2k-1, ...",
     "tokenizer": "tokenizer of tiny random models (minilm or a directory)",
@@ -132,6 +143,12 @@ HELP: dict[str, str] = {
     "student_epochs": "epochs of the student trained on labels alone (the baseline)",
     "temperature": "softmax temperature of the distillation loss",
     "baseline": "also train the student alone, for comparison",
+    "teacher_head": "finetune (train the teacher on the task) or linear (frozen teacher encoder, "
+    "head fitted in closed form / LBFGS on its pooled outputs)",
+    "linear_head_l2": "L2 weight of the linear teacher head (on standardized features)",
+    "teacher_cache": "folder of teacher outputs kept on disk, keyed by teacher weights, "
+    "tokenizer, max_length and data (auto: <data cache>/teacher_outputs; none: off)",
+    "teacher_cache_mb": "largest cache file; layer outputs over it are recomputed each step",
 }
 
 

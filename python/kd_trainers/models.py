@@ -356,5 +356,5 @@ class TokenAligner:
             raise ConfigError(
                 f"teacher and student tokenizers do not align on {example.text[:40]!r}{pair}: "
                 f"{reason}; layer losses need the same token positions: use a student with "
-                "the teacher's tokenizer, or attention_weight=0 and hidden_weight=0"
+                "the teacher's tokenizer (student=teacher) for this data"
             )

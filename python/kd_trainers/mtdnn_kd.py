@@ -9,6 +9,12 @@ Stages (each resumable under ``stages/``):
     student_alone               the multi-task student on hard labels (the baseline);
     student_kd                  the student on soft targets plus hard labels.
 
+``teacher_head=linear``: each teacher is its frozen encoder with one head per task fitted
+on the pooled outputs (:mod:`kd_trainers.linear_head`), no multi-task training; teachers that
+load the same pretrained encoder then share their heads too (the fit is deterministic).
+``teacher_cache`` keeps each teacher's outputs per task on disk
+(:mod:`kd_trainers.teacher_cache`).
+
 Mini-batches hold one task each; every epoch lists all tasks' batches and shuffles them, so
 a task is drawn in proportion to its size (MT-DNN's sampling). For a classification task
 with a teacher the loss is ``kd_loss(kind="soft_ce")`` against the ensemble: the K teachers'
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -29,8 +37,10 @@ from torch import nn
 
 import kd_kernels as kdk
 from kd_trainers.config import DistillConfig
+from kd_trainers.data import default_cache_dir
 from kd_trainers.errors import ConfigError
 from kd_trainers.evaluation import predict, score
+from kd_trainers.linear_head import fit_linear_head
 from kd_trainers.models import (
     SequenceModel,
     build_model,
@@ -39,7 +49,8 @@ from kd_trainers.models import (
     make_student,
 )
 from kd_trainers.report import markdown_table
-from kd_trainers.tasks import Task, head_name, labels_of, load_task, supervised_loss
+from kd_trainers.tasks import Task, cache_of, head_name, labels_of, load_task, supervised_loss
+from kd_trainers.teacher_cache import TeacherCache, cache_key
 from kd_trainers.trainer import Runtime, Stage, atomic_save, run_stage, shuffled_batches
 
 DESCRIPTION = "MT-DNN-KD: multi-task student distilled from an ensemble of multi-task teachers"
@@ -168,13 +179,25 @@ def soft_targets(method: MultiTask, teachers: list[SequenceModel]) -> dict[str, 
     path = method.runtime.output_dir / "soft_targets.pt"
     if method.config.resume and path.is_file():
         return torch.load(path)
+    config, disk = method.config, None
+    if config.teacher_cache is not None:
+        folder = Path(config.teacher_cache).expanduser()
+        if config.teacher_cache == "auto":
+            folder = (cache_of(config) or default_cache_dir()) / "teacher_outputs"
+        disk = TeacherCache(folder, config.teacher_cache_mb, method.runtime.log)
+
+    def outputs(teacher: SequenceModel, task: Task) -> torch.Tensor:
+        examples = task.train.examples
+        if disk is None:
+            return method.outputs(teacher, task, examples)
+        what = {"logits": task.head.name}
+        key = cache_key(teacher, method.tokenizer, config.max_length, examples, what)
+        return disk.get(key, lambda: {"logits": method.outputs(teacher, task, examples)})["logits"]
+
     cached = {}
     for task in method.tasks:
         if task.head.name in method.distilled:
-            examples = task.train.examples
-            cached[task.head.name] = torch.stack(
-                [method.outputs(t, task, examples) for t in teachers]
-            )
+            cached[task.head.name] = torch.stack([outputs(t, task) for t in teachers])
     if method.runtime.is_main:
         atomic_save(cached, path)
     return cached
@@ -251,14 +274,32 @@ def run(config: MTDNNKDConfig, runtime: Runtime) -> tuple[dict, str]:
             # Students start from the teacher as loaded, before multi-task training.
             start = copy.deepcopy(teacher.encoder)
         set_dropout(teacher, config.teacher_dropouts[k % len(config.teacher_dropouts)])
-        method.train(
-            f"teacher_{k}",
-            teacher,
-            config.teacher_epochs,
-            config.teacher_lr,
-            method.hard_loss,
-            seed,
-        )
+        if config.teacher_head == "linear":
+            started = time.perf_counter()
+            teacher.to(runtime.device)
+            for task in method.tasks:
+                fit_linear_head(
+                    teacher,
+                    task.head,
+                    method.tokenizer,
+                    task.train.examples,
+                    l2=config.linear_head_l2,
+                    max_length=config.max_length,
+                    batch_size=config.eval_batch_size,
+                    device=runtime.device,
+                )
+            runtime.log(
+                f"teacher_{k}: linear heads fitted in {time.perf_counter() - started:.1f} s"
+            )
+        else:
+            method.train(
+                f"teacher_{k}",
+                teacher,
+                config.teacher_epochs,
+                config.teacher_lr,
+                method.hard_loss,
+                seed,
+            )
         teachers.append(teacher.eval())
     results = ensemble_metrics(method, teachers)
     targets = soft_targets(method, teachers)

@@ -10,6 +10,13 @@ Stages (each a folder under ``stages/``, resumable):
     prediction    stage 2 on augmented task data: ``kd_loss(kind="soft_ce")`` at a
                   temperature against the fine-tuned teacher's logits.
 
+``teacher_head=linear`` replaces the teacher's fine-tuning by a head fitted on its frozen
+pooled outputs (:mod:`kd_trainers.linear_head`). With ``teacher_cache`` the teacher's logits
+(stage 2) and mapped layer outputs (stage 1, when within ``teacher_cache_mb``) are computed
+once per example and read from disk (:mod:`kd_trainers.teacher_cache`). A teacher and student
+with different tokenizers (``mpnet`` into a MiniLM student) are tokenized separately and, for
+stage 1, checked to hold the same wordpieces at the same positions (:class:`TokenAligner`).
+
 Losses, with g the layer map (``layer_map``), A attention scores, H hidden states, W_h the
 projection: L_attn = sum_m MSE(A^S_m, A^T_g(m)) over unpadded query/key pairs, entries
 <= threshold (-100: the -inf of padding) zeroed; L_hidn = sum_m MSE(H^S_m W_h, H^T_g(m)).
@@ -18,7 +25,9 @@ projection: L_attn = sum_m MSE(A^S_m, A^T_g(m)) over unpadded query/key pairs, e
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -28,12 +37,15 @@ from transformers import BertForMaskedLM
 import kd_kernels as kdk
 from kd_trainers.augment import WordAugmenter, augment_dataset
 from kd_trainers.config import DistillConfig
+from kd_trainers.data import default_cache_dir
 from kd_trainers.errors import ConfigError
+from kd_trainers.evaluation import predict
+from kd_trainers.linear_head import fit_linear_head
 from kd_trainers.models import (
     Head,
     SequenceModel,
+    TokenAligner,
     build_model,
-    encode,
     load_tokenizer,
     make_student,
     resolve_model_dir,
@@ -42,11 +54,19 @@ from kd_trainers.models import (
 from kd_trainers.report import markdown_table
 from kd_trainers.tasks import (
     Task,
+    cache_of,
     fine_tune,
     labels_of,
     load_task,
     load_unlabeled,
     task_metrics,
+)
+from kd_trainers.teacher_cache import (
+    LayerTargets,
+    TeacherCache,
+    cache_key,
+    compute_layers,
+    layer_bytes,
 )
 from kd_trainers.trainer import Runtime, Stage, run_stage, shuffled_batches
 
@@ -169,6 +189,15 @@ class TinyBERT:
         self.config, self.runtime = config, runtime
         self.tokenizer = load_tokenizer(config.teacher, config.tokenizer)
         self.vocab_size = len(self.tokenizer)
+        student = config.teacher if config.student == "teacher" else config.student
+        self.student_tokenizer = load_tokenizer(student, config.tokenizer)
+        self.aligner = TokenAligner(self.tokenizer, self.student_tokenizer)
+        self.cache = None
+        if config.teacher_cache is not None:
+            folder = Path(config.teacher_cache).expanduser()
+            if config.teacher_cache == "auto":
+                folder = (cache_of(config) or default_cache_dir()) / "teacher_outputs"
+            self.cache = TeacherCache(folder, config.teacher_cache_mb, runtime.log)
 
     def model(self, name: str, task: Task | None, seed_offset: int) -> SequenceModel:
         # General distillation has no task: a 1-output head that no loss touches.
@@ -182,42 +211,59 @@ class TinyBERT:
             seed=self.config.seed + seed_offset,
         )
 
-    def encode(self, examples) -> dict:
-        return encode(self.tokenizer, examples, self.config.max_length, self.runtime.device)
+    def encode(self, examples, aligned: bool) -> tuple[dict, dict]:
+        """(teacher inputs, student inputs); ``aligned``: same wordpiece at each position."""
+        return self.aligner.encode(examples, self.config.max_length, self.runtime.device, aligned)
 
     def plan(self, dataset):
         size, batch, seed = len(dataset), self.config.batch_size, self.config.seed
         return lambda epoch: shuffled_batches(size, batch, seed, epoch)
 
-    def layer_losses(self, model, teacher, examples, mapping) -> tuple[torch.Tensor, dict]:
-        """TinyBERT stage 1 / general distillation loss on one batch."""
-        config, inputs = self.config, self.encode(examples)
-        with torch.no_grad():
-            _, t_out = teacher(inputs, output_layers=True)
-        _, s_out, s_hidden = model(inputs)
+    def layer_losses(
+        self, model, teacher, examples, mapping, indices=None, targets: LayerTargets | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """TinyBERT stage 1 / general distillation loss on one batch; the teacher's layers come
+        from ``targets`` (cached, rows ``indices``) when given."""
+        config = self.config
+        t_inputs, inputs = self.encode(examples, aligned=True)
         mask = inputs["attention_mask"]
+        if targets is not None:
+            t_hidden, t_attention = targets.batch(indices, t_inputs["attention_mask"])
+        else:
+            with torch.no_grad():
+                _, t_out = teacher(t_inputs, output_layers=True)
+            t_hidden = [t_out.hidden_states[i] for i in mapping.hidden]
+            t_attention = [t_out.attentions[i] for i in mapping.attention]
+        _, s_out, s_hidden = model(inputs)
         attention = kdk.attention_mse_loss(
             list(s_out.attentions),
-            [t_out.attentions[i] for i in mapping.attention],
+            t_attention,
             attention_mask=mask,
             threshold=config.attention_threshold,
             backend=config.loss_backend,
         )
         hidden = kdk.hidden_mse_loss(
             s_hidden,
-            [t_out.hidden_states[i] for i in mapping.hidden],
+            t_hidden,
             attention_mask=mask,
             backend=config.loss_backend,
         )
         loss = config.attention_weight * attention + config.hidden_weight * hidden
         return loss, {"attention_mse": attention.detach(), "hidden_mse": hidden.detach()}
 
-    def prediction_loss(self, model, teacher, examples, head) -> tuple[torch.Tensor, dict]:
+    def prediction_loss(
+        self, model, teacher, examples, head, cached: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """TinyBERT stage 2: soft cross-entropy against the teacher's logits at temperature t
-        (MSE against the teacher's score for a regression head)."""
-        config, inputs = self.config, self.encode(examples)
-        with torch.no_grad():
-            t_logits, _ = teacher(inputs)
+        (MSE against the teacher's score for a regression head); ``cached``: the teacher's
+        logits of these examples (B, C), read from the cache."""
+        config = self.config
+        t_inputs, inputs = self.encode(examples, aligned=False)
+        if cached is not None:
+            t_logits = cached.to(self.runtime.device)
+        else:
+            with torch.no_grad():
+                t_logits, _ = teacher(t_inputs)
         s_logits, _ = model(inputs)
         if head.kind == "regression":
             loss = nn.functional.mse_loss(s_logits, t_logits.float())
@@ -241,7 +287,7 @@ class TinyBERT:
             teacher.encoder,
             config.student,
             config.student_keep_every,
-            vocab_size=self.vocab_size,
+            vocab_size=len(self.student_tokenizer),
             scores=True,
             seed=config.seed + 1,
         )
@@ -260,22 +306,103 @@ class TinyBERT:
         project = student.encoder.config.hidden_size != width
         wrapped = DistillStudent(student, width, project)
         teacher.to(self.runtime.device).eval()
+        targets = self.cached_layers(teacher, dataset, mapping)
         result = run_stage(
             self.runtime,
             Stage(name, epochs, lr),
             wrapped,
             lambda model, batch: self.layer_losses(
-                model, teacher, [dataset[i] for i in batch], mapping
+                model, teacher, [dataset[i] for i in batch], mapping, batch, targets
             ),
             self.plan(dataset),
         )
         return wrapped, result
 
-    def fine_tune(self, name: str, model: SequenceModel, task: Task, epochs, lr):
-        return fine_tune(self.runtime, name, model, task, self.tokenizer, epochs, lr)
+    def cached_layers(self, teacher: SequenceModel, dataset, mapping) -> LayerTargets | None:
+        """The teacher's mapped layer outputs on ``dataset`` from the cache (computed once),
+        or None when the cache is off or they exceed ``teacher_cache_mb``."""
+        if self.cache is None:
+            return None
+        config, examples = self.config, dataset.examples
+        hidden, attention = sorted(set(mapping.hidden)), sorted(set(mapping.attention))
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples]
+        lengths = self.tokenizer(
+            texts,
+            pairs if any(p is not None for p in pairs) else None,
+            truncation=True,
+            max_length=config.max_length,
+        )["input_ids"]
+        t_config = teacher.encoder.config
+        size = layer_bytes(
+            [len(ids) for ids in lengths],
+            len(hidden),
+            len(attention),
+            t_config.hidden_size,
+            t_config.num_attention_heads,
+        )
+        if size > config.teacher_cache_mb * 2**20:
+            self.runtime.log(
+                f"teacher layer outputs need {size / 2**20:.0f} MB > teacher_cache_mb="
+                f"{config.teacher_cache_mb:g}: the teacher runs every step"
+            )
+            return None
+        what = {"layers": {"hidden": hidden, "attention": attention}}
+        key = cache_key(teacher, self.tokenizer, config.max_length, examples, what)
 
-    def evaluate(self, model: SequenceModel, task: Task) -> dict[str, float]:
-        return task_metrics(model, self.tokenizer, task, self.runtime)
+        def forward(batch):
+            inputs = self.aligner.encode(batch, config.max_length, self.runtime.device, False)[0]
+            return inputs, teacher(inputs, output_layers=True)[1]
+
+        tensors = self.cache.get(
+            key,
+            lambda: compute_layers(forward, examples, hidden, attention, config.eval_batch_size),
+        )
+        # Batches list the teacher's layers in the mapping's order (a layer may repeat).
+        return LayerTargets(tensors, mapping.hidden, mapping.attention)
+
+    def cached_logits(self, teacher: SequenceModel, dataset, head: Head) -> torch.Tensor | None:
+        """The teacher's (N, C) outputs on ``dataset`` from the cache (computed once)."""
+        if self.cache is None:
+            return None
+        config, examples = self.config, dataset.examples
+        key = cache_key(teacher, self.tokenizer, config.max_length, examples, {"logits": head.name})
+
+        def compute():
+            outputs = predict(
+                teacher,
+                self.tokenizer,
+                examples,
+                head,
+                max_length=config.max_length,
+                batch_size=config.eval_batch_size,
+                device=self.runtime.device,
+            )
+            return {"logits": outputs.reshape(len(examples), head.num_outputs)}
+
+        return self.cache.get(key, compute)["logits"]
+
+    def fine_tune(self, name: str, model: SequenceModel, task: Task, epochs, lr, tokenizer=None):
+        tokenizer = tokenizer or self.student_tokenizer
+        return fine_tune(self.runtime, name, model, task, tokenizer, epochs, lr)
+
+    def fit_teacher_head(self, teacher: SequenceModel, task: Task) -> dict:
+        """``teacher_head=linear``: the head fitted on the frozen encoder's pooled outputs."""
+        started = time.perf_counter()
+        fit = fit_linear_head(
+            teacher,
+            task.head,
+            self.tokenizer,
+            task.train.examples,
+            l2=self.config.linear_head_l2,
+            max_length=self.config.max_length,
+            batch_size=self.config.eval_batch_size,
+            device=self.runtime.device,
+        )
+        return {"head": "linear", **fit, "seconds": round(time.perf_counter() - started, 2)}
+
+    def evaluate(self, model: SequenceModel, task: Task, tokenizer=None) -> dict[str, float]:
+        return task_metrics(model, tokenizer or self.student_tokenizer, task, self.runtime)
 
 
 def teacher_is_tuned(config: TinyBERTConfig, task: Task) -> bool:
@@ -315,7 +442,7 @@ def run(config: TinyBERTConfig, runtime: Runtime) -> tuple[dict, str]:
         start = general.student
         results["general_training"] = {"examples": len(unlabeled), **vars(steps)}
         if runtime.is_main:
-            start.save(runtime.output_dir / "general_student", method.tokenizer)
+            start.save(runtime.output_dir / "general_student", method.student_tokenizer)
         if task is None:
             return results, f"general student: {runtime.output_dir / 'general_student'}"
     assert task is not None
@@ -323,11 +450,16 @@ def run(config: TinyBERTConfig, runtime: Runtime) -> tuple[dict, str]:
     if teacher_is_tuned(config, task):
         runtime.log(f"teacher {config.teacher} is already fine-tuned on {task.head.name}")
     else:
-        steps = method.fine_tune("teacher", teacher, task, config.teacher_epochs, config.teacher_lr)
-        results["teacher_training"] = vars(steps)
+        if config.teacher_head == "linear":
+            results["teacher_training"] = method.fit_teacher_head(teacher, task)
+        else:
+            steps = method.fine_tune(
+                "teacher", teacher, task, config.teacher_epochs, config.teacher_lr, method.tokenizer
+            )
+            results["teacher_training"] = vars(steps)
         if runtime.is_main:
             teacher.save(runtime.output_dir / "teacher", method.tokenizer)
-    results["teacher"] = method.evaluate(teacher, task)
+    results["teacher"] = method.evaluate(teacher, task, method.tokenizer)
     runtime.log(f"teacher: {results['teacher']}")
 
     if config.baseline:
@@ -361,12 +493,17 @@ def run(config: TinyBERTConfig, runtime: Runtime) -> tuple[dict, str]:
     )
     student, head = wrapped.student, task.head
     teacher.eval()  # stage 2's targets come from the teacher without dropout
+    logits = method.cached_logits(teacher, augmented, head)
     prediction = run_stage(
         runtime,
         Stage("prediction", config.prediction_epochs, config.prediction_lr),
         student,
         lambda model, batch: method.prediction_loss(
-            model, teacher, [augmented[i] for i in batch], head
+            model,
+            teacher,
+            [augmented[i] for i in batch],
+            head,
+            None if logits is None else logits[batch],
         ),
         method.plan(augmented),
     )
@@ -377,7 +514,7 @@ def run(config: TinyBERTConfig, runtime: Runtime) -> tuple[dict, str]:
     }
     runtime.log(f"student distilled: {results['student_distilled']}")
     if runtime.is_main:
-        student.save(runtime.output_dir / "student", method.tokenizer)
+        student.save(runtime.output_dir / "student", method.student_tokenizer)
     rows = [
         [name, *results[name].values()]
         for name in ("teacher", "student_alone", "student_distilled")
