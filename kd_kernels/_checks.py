@@ -160,8 +160,8 @@ def check_teacher_topk(
     """A sparse teacher ``(indices, logprobs)``, both (..., k) over the student's rows.
 
     Returns (int64 indices, logprobs). In eager mode also checks, with one host sync each, that
-    indices lie in [0, C) and are distinct per row, and, for ``remainder="spread"``, that the
-    logprobs are log-probabilities (their exp sums to at most 1 per row).
+    indices lie in [0, C) and are distinct per row, and, for ``remainder="spread"`` or
+    ``"bucket"``, that the logprobs are log-probabilities (their exp sums to at most 1 per row).
     """
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError(
@@ -190,10 +190,12 @@ def check_teacher_topk(
             raise ValueError("teacher_topk indices must be distinct within each row")
         # Stored half-precision log-probabilities may overshoot 1 by their rounding.
         slack = max(1e-3, k * torch.finfo(logprobs.dtype).eps)
-        if remainder == "spread" and bool((logprobs.float().exp().sum(-1) > 1.0 + slack).any()):
+        if remainder in ("spread", "bucket") and bool(
+            (logprobs.float().exp().sum(-1) > 1.0 + slack).any()
+        ):
             raise ValueError(
                 "teacher_topk logprobs must be log-probabilities (exp sums to <= 1 per row) "
-                "for topk_remainder='spread'; logits can only be renormalized"
+                f"for topk_remainder={remainder!r}; logits can only be renormalized"
             )
     return indices, logprobs
 

@@ -283,8 +283,10 @@ def kd_class_gradient_weights(
 
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    topk_remainder: str = "renormalize",
     temperature: float = 1.0,
     kind: str = "kl",
     reduction: str = "batchmean",
@@ -298,12 +300,21 @@ def kd_loss(
 ) -> torch.Tensor:
     """Temperature-softmax distillation loss; see ``kd_kernels.kd_loss`` for the semantics.
 
-    Shapes: student (..., C); teacher (..., C) or (K, ..., C); mask and labels (...).
+    Shapes: student (..., C); teacher (..., C) or (K, ..., C); mask and labels (...). Or a
+    sparse teacher ``teacher_topk=(indices, logprobs)``, both (..., k): "renormalize" and
+    "spread" through ``topk_teacher_logits``, "bucket" through ``topk_bucket_row_losses``.
     Returns a float32 scalar (float64 for float64 input), or shape (...) for "none".
     """
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)
+    bucket = None
+    if teacher_topk is not None and topk_remainder == "bucket":
+        k = teacher_topk[0].shape[-1]
+        bucket = (teacher_topk[0].reshape(-1, k), teacher_topk[1].reshape(-1, k))
+        teacher_logits = student_logits.detach()[None]  # a placeholder, never read
+    elif teacher_topk is not None:
+        teacher_logits = topk_teacher_logits(*teacher_topk, num_classes, topk_remainder)
     if teacher_logits.dim() == student_logits.dim():
         teacher = teacher_logits.reshape(1, -1, num_classes)
     else:
@@ -319,14 +330,14 @@ def kd_loss(
     # included) can reach the loss or the gradient.
     index = counted.nonzero().squeeze(-1)
     dtype = _compute_dtype(student)
-    rows = soft_weight * kd_row_losses(
-        student[index],
-        teacher[:, index],
-        temperature=temperature,
-        kind=kind,
-        beta=beta,
-        scale_t2=scale_t2,
-    )
+    soft_options = dict(temperature=temperature, kind=kind, beta=beta, scale_t2=scale_t2)
+    if bucket is None:
+        soft_rows = kd_row_losses(student[index], teacher[:, index], **soft_options)
+    else:
+        soft_rows = topk_bucket_row_losses(
+            student[index], bucket[0][index], bucket[1][index], **soft_options
+        )
+    rows = soft_weight * soft_rows
     if hard_weight != 0.0:
         hard = torch.nn.functional.cross_entropy(
             student[index].to(dtype), flat_labels[index], reduction="none"
@@ -348,7 +359,25 @@ def kd_loss(
     raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
 
 
-TOPK_REMAINDERS = ("renormalize", "spread")
+TOPK_REMAINDERS = ("renormalize", "spread", "bucket")
+
+
+def topk_missing_logmass(logprobs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log r, r = 1 - sum_k exp(logprobs): the teacher's mass outside its top k, (..., 1).
+
+    -inf when k = C or r <= k * eps(dtype of logprobs): a remainder that small is the rounding
+    of the stored log-probabilities, not mass (at t > 1 it would otherwise grow into a visible
+    floor). Float32 (float64 for float64 input); NaN in the logprobs stays NaN.
+    """
+    dtype = _compute_dtype(logprobs)
+    k = logprobs.shape[-1]
+    if k == num_classes:
+        shape = (*logprobs.shape[:-1], 1)
+        return torch.full(shape, -math.inf, dtype=dtype, device=logprobs.device)
+    missing = 1.0 - logprobs.to(dtype).exp().sum(dim=-1, keepdim=True)
+    rounding = k * torch.finfo(logprobs.dtype).eps
+    # where, not clamp: NaN in the logprobs stays NaN.
+    return torch.log(torch.where(missing <= rounding, torch.zeros_like(missing), missing))
 
 
 def topk_remainder_logprob(
@@ -357,21 +386,18 @@ def topk_remainder_logprob(
     """The log-probability every class outside a row's top k gets, shape (..., 1).
 
     ``"renormalize"``: -inf (no mass; softmax renormalises the top k). ``"spread"``: the
-    missing mass r = 1 - sum_k exp(logprobs) split evenly, log(r / (C - k)); -inf when k = C
-    or r <= k * eps(dtype of logprobs): a remainder that small is the rounding of the stored
-    log-probabilities, not mass (at t > 1 it would otherwise grow into a visible floor).
-    Float32 (float64 for float64 input).
+    missing mass r (``topk_missing_logmass``) split evenly, log(r / (C - k)). ``"bucket"`` has
+    no per-class constant (see ``topk_bucket_teacher_logits``). Float32 (float64 for float64
+    input).
     """
-    dtype = _compute_dtype(logprobs)
-    k = logprobs.shape[-1]
-    shape = (*logprobs.shape[:-1], 1)
-    if remainder == "renormalize" or k == num_classes:
+    if remainder == "bucket":
+        raise ValueError("topk_remainder='bucket' depends on the student: no constant remainder")
+    if remainder == "renormalize":
+        dtype = _compute_dtype(logprobs)
+        shape = (*logprobs.shape[:-1], 1)
         return torch.full(shape, -math.inf, dtype=dtype, device=logprobs.device)
-    missing = 1.0 - logprobs.to(dtype).exp().sum(dim=-1, keepdim=True)
-    rounding = k * torch.finfo(logprobs.dtype).eps
-    # where, not clamp: NaN in the logprobs stays NaN.
-    missing = torch.where(missing <= rounding, torch.zeros_like(missing), missing)
-    return torch.log(missing / (num_classes - k))
+    k = logprobs.shape[-1]
+    return topk_missing_logmass(logprobs, num_classes) - math.log(max(num_classes - k, 1))
 
 
 def topk_teacher_logits(
@@ -394,10 +420,138 @@ def topk_teacher_logits(
     return dense.scatter_(-1, indices, logprobs.to(dense.dtype))
 
 
+def topk_outside(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(..., C) bool, True on the classes outside each row's top k."""
+    outside = torch.ones(
+        (*indices.shape[:-1], num_classes), dtype=torch.bool, device=indices.device
+    )
+    return outside.scatter_(-1, indices, False)
+
+
+def topk_bucket_row_losses(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    logprobs: torch.Tensor,
+    *,
+    temperature: float,
+    kind: str,
+    beta: float,
+    scale_t2: bool,
+) -> torch.Tensor:
+    """Soft loss of each row against a sparse teacher whose missing mass is one extra class
+    (``topk_remainder="bucket"``), from the coarse-grained definition.
+
+    Shapes: student (R, C) logits, indices and logprobs (R, k). With a = student / t, the
+    student's (k + 1)-class distribution is (q_i for i in the top k, Q_R), q = softmax(a),
+    Q_R = sum of q outside the top k = exp(lse_rest(a) - lse(a)) (a masked log-sum-exp: no
+    cancellation). The teacher's is p = softmax([logprobs, log r] / t), r = 1 - sum
+    exp(logprobs) (``topk_missing_logmass``): at t = 1 the teacher's top k and its missing mass
+    as they are; at t != 1 the bucket is tempered as one class. The row loss is the ``kind``'s
+    divergence between p and the student's (k + 1) classes (``kd_class_terms``, plain
+    log-probability forms), times t^2 when ``scale_t2``. Float32 (float64 for float64 input).
+    """
+    dtype = _compute_dtype(student)
+    a = student.to(dtype) / temperature
+    lse_a = torch.logsumexp(a, dim=-1, keepdim=True)
+    outside = topk_outside(indices, a.shape[-1])
+    rest = torch.where(outside, a, torch.full_like(a, -math.inf))
+    # Rows with no class outside (k = C) or none with mass: logsumexp of all -inf has a NaN
+    # gradient, so those rows take a finite stand-in and -inf afterwards.
+    empty = ~(rest > -math.inf).any(dim=-1, keepdim=True)
+    safe_rest = torch.where(empty, torch.zeros_like(rest), rest)
+    lse_rest = torch.logsumexp(safe_rest, dim=-1, keepdim=True)
+    lse_rest = torch.where(empty, torch.full_like(lse_rest, -math.inf), lse_rest)
+    log_q = torch.cat([a.gather(-1, indices) - lse_a, lse_rest - lse_a], dim=-1)
+    log_r = topk_missing_logmass(logprobs.detach(), student.shape[-1]).to(dtype)
+    log_p = torch.cat([logprobs.detach().to(dtype), log_r], dim=-1) / temperature
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    rows = kd_class_terms(log_q, log_p, kind=kind, beta=beta).sum(dim=-1)
+    return rows * (temperature * temperature) if scale_t2 else rows
+
+
+def topk_bucket_teacher_logits(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    logprobs: torch.Tensor,
+    temperature: float,
+    log_r: torch.Tensor | None = None,
+    lse_rest: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A dense, detached teacher (..., C) in logit form whose kd_loss equals the bucket loss
+    (``topk_bucket_row_losses``) for kl, reverse_kl and jsd, and whose gradient (the teacher
+    held constant) equals the bucket loss's gradient. (soft_ce against it would add p_B times
+    the entropy of q outside the top k: soft_ce is taken as kl + ``topk_bucket_teacher_entropy``.)
+
+    T_i = logprobs_i on the top k; outside, T_c = log r + s_c - t lse_rest(s / t), so that
+    softmax(T / t) gives the top k the bucket teacher's p_i and the other classes p_B q_c / Q_R:
+    the ratio p_T / p_S is the constant p_B / Q_R there, and an f-divergence sum_c q_c
+    f(p_c / q_c) (kl, reverse_kl, jsd) then sums the other classes into Q_R f(p_B / Q_R), the
+    bucket's term; its derivative in q_c depends only on that ratio, so the gradient agrees
+    too. Where the student has no mass outside (lse_rest = -inf) and r > 0 the other classes
+    share the bucket's tempered mass evenly (T_c = log r - t log(C - k)): every f-divergence
+    term of a class with q_c = 0 is linear in p_c, so the sum is again the bucket's (+inf for
+    kl and soft_ce; finite for reverse_kl and jsd).
+
+    student (..., C) logits, indices and logprobs (..., k); ``log_r`` (..., 1) and ``lse_rest``
+    (..., 1) = lse over the classes outside the top k of student / t, computed here when None
+    (the chunked path passes them in). Float32 (float64 for float64 input), no gradient.
+    """
+    dtype = _compute_dtype(student)
+    student = student.detach().to(dtype)
+    num_classes = student.shape[-1]
+    if log_r is None:
+        log_r = topk_missing_logmass(logprobs.detach(), num_classes)
+    if lse_rest is None:
+        lse_rest = topk_rest_logsumexp(student, indices, temperature)
+    num_rest = num_classes - indices.shape[-1]
+    dense = topk_bucket_rest_logits(student, log_r, lse_rest, temperature, num_rest)
+    return dense.scatter_(-1, indices, logprobs.detach().to(dtype))
+
+
+def topk_rest_logsumexp(
+    student: torch.Tensor, indices: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """lse over the classes outside the top k of student / t, (..., 1), -inf when there are
+    none or none has mass. No gradient (float32, float64 for float64 input)."""
+    a = student.detach().to(_compute_dtype(student)) / temperature
+    outside = topk_outside(indices, a.shape[-1])
+    return torch.where(outside, a, -math.inf).logsumexp(dim=-1, keepdim=True)
+
+
+def topk_bucket_rest_logits(
+    student: torch.Tensor,
+    log_r: torch.Tensor,
+    lse_rest: torch.Tensor,
+    temperature: float,
+    num_rest: int,
+) -> torch.Tensor:
+    """The bucket teacher's logits log r + s_c - t lse_rest for student logits s (..., w) (a
+    row or a vocabulary slice of it); in rows whose lse_rest is -inf, log r - t log(num_rest)
+    (the bucket's tempered mass r^(1/t) spread evenly). Rows and lse_rest, log_r (..., 1)."""
+    student = student.to(lse_rest.dtype)
+    has_rest = lse_rest > -math.inf
+    shift = torch.where(has_rest, log_r - temperature * lse_rest, 0.0)
+    spread = log_r - temperature * math.log(max(num_rest, 1))
+    return torch.where(has_rest, student + shift, spread)
+
+
+def topk_bucket_teacher_entropy(
+    logprobs: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
+    """H(p) = -sum p log p of the bucket teacher's k + 1 classes (see
+    ``topk_bucket_row_losses``), (...,), 0 log 0 = 0: bucket soft_ce = bucket kl + H(p), and
+    kl has soft_ce's gradient. No gradient; float32 (float64 for float64 input)."""
+    dtype = _compute_dtype(logprobs)
+    log_r = topk_missing_logmass(logprobs.detach(), num_classes)
+    log_p = torch.cat([logprobs.detach().to(dtype), log_r], dim=-1) / temperature
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    return -_plogp_ratio(log_p.exp(), log_p, torch.zeros_like(log_p)).sum(dim=-1)
+
+
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     *,
     student_bias: torch.Tensor | None = None,
     transform: object | None = None,
@@ -406,7 +560,8 @@ def fused_linear_kd_loss(
     """The unfused spec of ``kd_kernels.fused_linear_kd_loss``: the student's logits
     h @ W^T + b materialised whole (through the head's ``transform``: logit scale and
     soft-cap, see kd_kernels._logit_transform), then ``kd_loss``. Shapes: hidden (..., H),
-    weight (V, H), bias (V,), teacher logits (..., V) or (K, ..., V)."""
+    weight (V, H), bias (V,), teacher logits (..., V) or (K, ..., V), or ``teacher_topk``
+    (and ``topk_remainder``) in ``kd_options``."""
     logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     if transform is not None:
         logits = transform.apply(logits)

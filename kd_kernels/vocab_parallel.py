@@ -289,6 +289,13 @@ def _topk_source(
     student: torch.Tensor,
 ) -> TeacherSource:
     """A sparse teacher over the global classes, densified one local slice at a time."""
+    if remainder == "bucket":
+        # Its dense form depends on the student's log-sum-exp outside the top k over all
+        # ranks: one more all-reduce per row, not written yet.
+        raise NotImplementedError(
+            "topk_remainder='bucket' is not implemented for vocabulary-parallel KD "
+            "(process_group); use 'renormalize' or 'spread', or one process"
+        )
     check_choice("topk_remainder", remainder, TOPK_REMAINDERS)
     indices, logprobs = check_teacher_topk(
         teacher_topk, row_shape, vocab_size, student.device, remainder
