@@ -18,15 +18,43 @@ class TeacherSource:
 
     ``chunk(rows, start, stop)`` -> (K, len(rows), stop - start) in the student's dtype, no
     gradient, last dim contiguous, the K teachers stacked (what the kd_loss ops take).
+
+    A top-k teacher with ``bucket=True`` (``topk_remainder="bucket"``) depends on the student:
+    its chunk needs the block's student logits and the rows' lse_rest (see
+    ``reference.topk_bucket_teacher_logits``) and comes in float32 (float64), whatever the
+    student's dtype, because rounding it would break its constant ratio to the student.
     """
+
+    bucket = False
 
     def __init__(self, kind: str, dtype: torch.dtype, single: bool = True, **tensors: Any):
         self.kind, self.dtype, self.single = kind, dtype, single
         self.transform = None
         self.__dict__.update(tensors)
 
+    def outside(self, rows: slice, start: int, stop: int) -> torch.Tensor:
+        """(len(rows), stop - start) bool: the block's columns outside each row's top k."""
+        width = stop - start
+        local = self.indices[rows] - start
+        local = torch.where((local >= 0) & (local < width), local, width)  # spare column
+        block = torch.ones(local.shape[0], width + 1, dtype=torch.bool, device=local.device)
+        return block.scatter_(1, local, False)[:, :width]
+
+    def rest_logsumexp(self, rows: slice, start: int, stop: int, student: torch.Tensor):
+        """(len(rows),) lse of student / t over the block's columns outside the top k, float32
+        (float64); student (len(rows), stop - start) logits of those columns."""
+        a = student.to(self.log_r.dtype) / self.temperature
+        return torch.where(self.outside(rows, start, stop), a, -math.inf).logsumexp(dim=-1)
+
     @torch.no_grad()
-    def chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
+    def chunk(
+        self,
+        rows: slice,
+        start: int,
+        stop: int,
+        student: torch.Tensor | None = None,
+        lse_rest: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.kind == "logits":
             block = self.logits[:, rows, start:stop]
             return block if block.shape[0] == 1 or block.is_contiguous() else block.contiguous()
@@ -36,9 +64,11 @@ class TeacherSource:
             if self.transform is not None:  # the teacher's own soft-cap / logit scale
                 logits = self.transform.apply(logits.float())
             return logits.to(self.dtype)[None]
-        return self._topk_chunk(rows, start, stop)
+        return self._topk_chunk(rows, start, stop, student, lse_rest)
 
-    def _topk_chunk(self, rows: slice, start: int, stop: int) -> torch.Tensor:
+    def _topk_chunk(self, rows, start, stop, student, lse_rest) -> torch.Tensor:
+        if self.bucket:
+            return self._bucket_chunk(rows, start, stop, student, lse_rest)
         indices, logprobs = self.indices[rows], self.logprobs[rows].to(self.dtype)
         width = stop - start
         if start == 0 and stop == self.num_classes:
@@ -51,6 +81,22 @@ class TeacherSource:
         local = torch.where((local >= 0) & (local < width), local, width)
         dense = self.rest[rows].to(self.dtype).expand(-1, width + 1).contiguous()
         return dense.scatter_(1, local, logprobs)[None, :, :width]
+
+    def _bucket_chunk(self, rows, start, stop, student, lse_rest) -> torch.Tensor:
+        """The bucket teacher's block: log r + s_c - t lse_rest outside the top k, the
+        logprobs on it (float32, float64 for float64 input)."""
+        log_r = self.log_r[rows]
+        dense = reference.topk_bucket_rest_logits(
+            student, log_r, lse_rest[:, None], self.temperature, self.num_rest
+        )
+        logprobs = self.logprobs[rows].to(dense.dtype)
+        width = stop - start
+        if start == 0 and stop == self.num_classes:
+            return dense.scatter_(1, self.indices[rows], logprobs)[None]
+        local = self.indices[rows] - start
+        local = torch.where((local >= 0) & (local < width), local, width)
+        dense = torch.cat([dense, dense[:, :1]], dim=1)  # the spare column
+        return dense.scatter_(1, local, logprobs)[None, :, :width].contiguous()
 
 
 class ChunkedKD:
@@ -92,6 +138,28 @@ class ChunkedKD:
                 )
         return (row_loss, *grads.result())
 
+    def _kernel_kind(self) -> str:
+        """The kind the chunk math runs: a bucket teacher's soft_ce runs as kl (the same
+        gradient) plus the teacher's entropy per row (``_bucket_entropy``)."""
+        kind = self.options["kind"]
+        return "kl" if self.teacher.bucket and kind == "soft_ce" else kind
+
+    def _bucket_entropy(self, rows: slice) -> torch.Tensor | None:
+        """What bucket soft_ce adds to the kl rows: soft_weight (t^2) H(p) over the k + 1
+        classes (``reference.topk_bucket_teacher_entropy``), 0 in uncounted rows; None when
+        nothing is added."""
+        o = self.options
+        if not (self.teacher.bucket and o["kind"] == "soft_ce"):
+            return None
+        t = o["temperature"]
+        entropy = reference.topk_bucket_teacher_entropy(
+            self.teacher.logprobs[rows], self.teacher.num_classes, t
+        )
+        entropy = o["soft_weight"] * (t * t if o["scale_t2"] else 1.0) * entropy
+        if self.counted is not None:  # where, not a product: an uncounted row may hold NaN
+            entropy = torch.where(self.counted[rows], entropy, 0)
+        return entropy
+
     def _kd_args(self, rows: slice) -> tuple:
         labels = None if self.labels is None else self.labels[rows]
         mask = None if self.mask is None else self.mask[rows]
@@ -100,7 +168,7 @@ class ChunkedKD:
             labels,
             mask,
             o["temperature"],
-            o["kind"],
+            self._kernel_kind(),
             o["soft_weight"],
             o["hard_weight"],
             o["beta"],
@@ -115,41 +183,70 @@ class ChunkedKD:
         if self.transform is not None:  # soft-cap / logit scale: the head's own logits
             chain = self.transform.derivative(logits) if grads.any else None
             self.transform.apply_(logits)
-        teacher = self.teacher.chunk(rows, 0, weight.shape[0])
+        vocab = weight.shape[0]
+        if self.teacher.bucket:
+            # The teacher depends on these logits, and the kernel runs in float32 (see
+            # TeacherSource): one float32 copy of a half-precision chunk.
+            lse_rest = self.teacher.rest_logsumexp(rows, 0, vocab, logits)
+            teacher = self.teacher.chunk(rows, 0, vocab, logits, lse_rest)
+            logits = logits.to(teacher.dtype)
+        else:
+            teacher = self.teacher.chunk(rows, 0, vocab)
         forward_op, forward_out_op = _kd_ops(self.backend)
+        entropy = self._bucket_entropy(rows)
         if not grads.any:
             row_loss, _ = forward_op(logits, teacher, *self._kd_args(rows), False)
-            return row_loss
+            return row_loss if entropy is None else row_loss + entropy
         # The kernel writes d row_loss / d logits over the logits themselves.
         row_loss = forward_out_op(logits, teacher, *self._kd_args(rows), logits)
         if chain is not None:  # through tanh and the scale to the raw logits
             logits.mul_(chain)
         if row_weights is not None:
             logits.mul_(row_weights[:, None].to(logits.dtype))
-        grads.add(rows, slice(0, weight.shape[0]), logits, chunk_hidden, weight)
-        return row_loss
+        grads.add(rows, slice(0, vocab), logits.to(chunk_hidden.dtype), chunk_hidden, weight)
+        return row_loss if entropy is None else row_loss + entropy
 
     def _vocab_chunked(self, rows, chunk_hidden, weight, bias, grads, row_weights):
         """One row chunk in vocabulary slices with an online log-sum-exp (float32 math)."""
         o = self.options
-        t, kind = o["temperature"], o["kind"]
+        t, kind = o["temperature"], self._kernel_kind()
         soft_scale = o["soft_weight"] * (t * t if o["scale_t2"] else 1.0)
         hard = o["hard_weight"] != 0.0
         vocab_size, step = weight.shape[0], self.chunks[1]
         slices = [slice(v, min(vocab_size, v + step)) for v in range(0, vocab_size, step)]
         acc_dtype = reference._compute_dtype(chunk_hidden)
 
-        def logits_of(columns, with_chain=False):
-            """The slice's student logits (transformed as the head does), teacher logits and,
-            when asked, d transformed / d raw student logits (None: no transform)."""
+        def student_of(columns, with_chain=False):
+            """The slice's student logits (transformed as the head does) and, when asked,
+            d transformed / d raw student logits (None: no transform)."""
             b = None if bias is None else bias[columns]
             student = F.linear(chunk_hidden, weight[columns], b).to(acc_dtype)
             chain = None
             if self.transform is not None:
                 chain = self.transform.derivative(student) if with_chain else None
                 student = self.transform.apply(student)
-            teacher = self.teacher.chunk(rows, columns.start, columns.stop).to(acc_dtype)
-            return student, teacher, chain
+            return student, chain
+
+        # Pass 0, bucket teachers only: lse_rest, the student's log-sum-exp outside the top k,
+        # which every slice of the teacher needs (one more matmul per slice).
+        lse_rest = None
+        if self.teacher.bucket:
+            lse_rest = chunk_hidden.new_full((chunk_hidden.shape[0],), -math.inf, dtype=acc_dtype)
+            for columns in slices:
+                student, _ = student_of(columns)
+                lse_rest = torch.logaddexp(
+                    lse_rest,
+                    self.teacher.rest_logsumexp(rows, columns.start, columns.stop, student),
+                )
+
+        def logits_of(columns, with_chain=False):
+            """The slice's student logits, teacher logits and chain (see student_of)."""
+            student, chain = student_of(columns, with_chain)
+            if self.teacher.bucket:
+                teacher = self.teacher.chunk(rows, columns.start, columns.stop, student, lse_rest)
+            else:
+                teacher = self.teacher.chunk(rows, columns.start, columns.stop)
+            return student, teacher.to(acc_dtype), chain
 
         # Pass 1: the normalisers log sum exp(z / t) of the student and of every teacher, and
         # per teacher gap = sum_c p_S expm1(d_c), d = (teacher - student) / t, rescaled with the
@@ -224,6 +321,9 @@ class ChunkedKD:
                 student, log_p_s, _, weights = slice_terms(columns)
                 add_gradient(columns, student, log_p_s, weights, weight_sum[:, None])
         row_loss = soft_scale * soft_rows
+        entropy = self._bucket_entropy(rows)
+        if entropy is not None:
+            row_loss = row_loss + entropy
         if hard:
             row_loss = row_loss + o["hard_weight"] * hard_rows
         if self.counted is not None:

@@ -91,7 +91,10 @@ def fused_linear_kd_loss(
             (V, H_T), (V,) head, any float dtype; its logits are made chunk by chunk too (no
             gradient) and cast to the student's dtype. Or instead:
         teacher_topk, topk_remainder: a sparse teacher ``(indices, logprobs)`` of shape (..., k),
-            as in :func:`kd_kernels.kd_loss`, densified one chunk at a time.
+            as in :func:`kd_kernels.kd_loss`, densified one chunk at a time. ``"bucket"``:
+            its dense form depends on the student's lse outside the top k; in vocabulary
+            chunks a first pass over the slices finds it (one more matmul per slice), and
+            the chunk math runs in float32 for half-precision inputs.
         student_bias: (V,) or None.
         temperature, kind, reduction, normalizer, mask, labels, ignore_index, hard_weight,
         soft_weight, beta, scale_t2: as in :func:`kd_kernels.kd_loss`, over the rows (...).
@@ -225,6 +228,7 @@ def fused_linear_kd_loss(
         teacher_bias,
         teacher_topk,
         topk_remainder,
+        temperature,
     )
     transform = LogitTransform.of(
         check_logit_transform("softcap", softcap),
@@ -243,6 +247,23 @@ def fused_linear_kd_loss(
     options = kd_op_options(
         temperature, kind, soft_weight, hard_weight, beta, scale_t2, ignore_index
     )
+    if chosen == "torch" and teacher.bucket:
+        k = teacher.indices.shape[-1]
+        return reference.fused_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            student_bias=student_bias,
+            transform=transform,
+            teacher_topk=(
+                teacher.indices.reshape(*row_shape, k),
+                teacher.logprobs.reshape(*row_shape, k),
+            ),
+            topk_remainder="bucket",
+            reduction=reduction,
+            mask=mask,
+            labels=labels,
+            **options,
+        )
     if chosen == "torch":
         num_rows = math.prod(row_shape)
         dense = teacher.chunk(slice(0, num_rows), 0, vocab_size)
@@ -321,8 +342,10 @@ def _teacher_source(
     teacher_bias: torch.Tensor | None,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
     topk_remainder: str,
+    temperature: float = 1.0,
 ) -> TeacherSource:
-    """Checks that exactly one teacher form is given and wraps it."""
+    """Checks that exactly one teacher form is given and wraps it (``temperature``: what a
+    "bucket" top-k teacher is built for)."""
     forms = {
         "teacher_logits": teacher_logits is not None,
         "teacher_hidden/teacher_weight": teacher_hidden is not None or teacher_weight is not None,
@@ -351,6 +374,19 @@ def _teacher_source(
         )
         k = indices.shape[-1]
         logprobs = logprobs.detach().reshape(-1, k)
+        if topk_remainder == "bucket":
+            log_r = reference.topk_missing_logmass(logprobs, vocab_size)
+            return TeacherSource(
+                "topk",
+                dtype,
+                indices=indices.reshape(-1, k),
+                logprobs=logprobs,
+                num_classes=vocab_size,
+                bucket=True,
+                temperature=float(temperature),
+                num_rest=vocab_size - k,
+                log_r=log_r.to(reference._compute_dtype(student_hidden)),
+            )
         return TeacherSource(
             "topk",
             dtype,
