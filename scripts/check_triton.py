@@ -512,16 +512,49 @@ def info_nce_case(
     return Case("info_nce", name, launch, ideal, model)
 
 
+def info_nce_fused_case(
+    rows: int,
+    dim: int,
+    dtype: str = "bf16",
+    cosine: bool = True,
+    keys: int | None = None,
+    symmetric: bool = False,
+) -> Case:
+    """The loss-and-gradient launch of mean / sum (launch_fused): one-way the online query
+    walk and the key walk; symmetric the row and column statistics and one walk per side."""
+    torch_dtype = DTYPES[dtype]
+    keys = keys or rows
+
+    def launch() -> None:
+        query, key = meta(rows, dim, dtype=torch_dtype), meta(keys, dim, dtype=torch_dtype)
+        labels, row_weight = meta(rows, dtype=torch.int64), meta(rows)
+        temperature = meta(dtype=torch.float32)
+        info_nce_triton.launch_fused(query, key, labels, temperature, cosine, row_weight, symmetric)
+
+    size = torch.tensor([], dtype=torch_dtype).element_size()
+    ideal = (rows + keys) * dim * size * 2  # read q, k; write their gradients
+    similarity = "cosine" if cosine else "dot"
+    mode = "fused symmetric" if symmetric else "fused"
+    return Case("info_nce", f"N={rows} M={keys} D={dim} {similarity} {dtype} {mode}", launch, ideal)
+
+
 def info_nce_cases(full: bool) -> Iterator[Case]:
+    """Each shape three ways: reduction="none" (forward + recomputing backward), and the
+    fused loss-and-gradient launch of mean / sum, one-way and symmetric."""
+    shapes: list[tuple] = []
     sizes = (1024, 65536, 1048576) if full else (4096, 1048576)
     for rows in sizes:
         for dim in (64, 256, 768, 1024) if full else (768,):
-            yield info_nce_case(rows, dim)
+            shapes.append((rows, dim, "bf16", True, None))
     for dtype in DTYPES:
         for cosine in (True, False) if full else (True,):
-            yield info_nce_case(4096, 256, dtype=dtype, cosine=cosine)
-    yield info_nce_case(4096, 768, keys=3 * 4096)  # hard negatives
-    yield info_nce_case(33, 40, dtype="fp16", keys=70)  # odd, tiny
+            shapes.append((4096, 256, dtype, cosine, None))
+    shapes.append((4096, 768, "bf16", True, 3 * 4096))  # hard negatives
+    shapes.append((33, 40, "fp16", True, 70))  # odd, tiny
+    for rows, dim, dtype, cosine, keys in shapes:
+        yield info_nce_case(rows, dim, dtype=dtype, cosine=cosine, keys=keys)
+        for symmetric in (False, True):
+            yield info_nce_fused_case(rows, dim, dtype, cosine, keys, symmetric)
 
 
 FAMILIES = {

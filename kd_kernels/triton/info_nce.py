@@ -960,6 +960,11 @@ def launch_fused(
     sizes = (num_rows, num_keys, dim, *query.stride(), *key.stride())
     grid_q = (triton.cdiv(num_rows, config["BLOCK_N"]), triton.cdiv(dim, block_do))
     grid_k = (triton.cdiv(num_keys, config["BLOCK_M"]), triton.cdiv(dim, block_do))
+    exact_fp32 = config["PRECISION"] == "ieee" and not triton_interpreting()
+    # Exact fp32 (no tensor cores): the walks carry more per-row state than the recomputing
+    # backward (online softmax; the column statistics) and spilled 1-6 stores on 4 warps
+    # (sm_90 / sm_80, Triton 3.9 and 3.6); on 8 warps they do not (D a multiple of 16).
+    walk_config = dict(config, num_warps=8) if exact_fp32 else config
     if not symmetric:
         row_factor = (weight * row_scale).contiguous()
         row_factor_max = row_factor.abs().amax().clamp_min(tiny)
@@ -978,15 +983,19 @@ def launch_fused(
             losses,
             u,
             *sizes,
-            **config,
+            **walk_config,
         )
         args = (query, key, labels, row_scale, inv_k, lse, row_factor)
-        _info_nce_grad_key_kernel[grid_k](*args, row_factor_max, v, *sizes, **config)
+        _info_nce_grad_key_kernel[grid_k](*args, row_factor_max, v, *sizes, **walk_config)
     else:
         loss, lse = launch_forward(query, key, labels, temperature, cosine)
         column_lse = torch.empty_like(lse)
         reverse = torch.empty_like(lse)
         stats = _launch_config(query, key, num_rows, num_keys, dim, backward=False)
+        if exact_fp32:
+            # Exact fp32: the 64 x 64 tile reduced over its rows spilled 3 stores (8 warps on
+            # sm_90, 4 on sm_80); the backward's 32 x 32 tiles on 8 warps do not.
+            stats.update(BLOCK_N=config["BLOCK_N"], BLOCK_M=config["BLOCK_M"], num_warps=8)
         _info_nce_column_stats_kernel[(triton.cdiv(num_rows, stats["BLOCK_M"]),)](
             query,
             key,
@@ -1006,11 +1015,11 @@ def launch_fused(
         args = (query, key, labels, row_scale, inv_k, lse, column_lse, weight / weight_max)
         u_scale = row_scale * (weight_max * col_scale_max)
         _info_nce_symmetric_grad_query_kernel[grid_q](
-            *args, col_weight, u_scale, u, *sizes, **config
+            *args, col_weight, u_scale, u, *sizes, **walk_config
         )
         v_scale = inv_k * (weight_max * row_scale_max / temperature)
         _info_nce_symmetric_grad_key_kernel[grid_k](
-            *args, inv_q / row_scale_max, v_scale, v, *sizes, **config
+            *args, inv_q / row_scale_max, v_scale, v, *sizes, **walk_config
         )
     grad_query, grad_key, grad_temperature = _input_gradients(
         u, v, query, key, inv_q, inv_k, temperature, cosine
