@@ -91,7 +91,8 @@ class DistillConfig(TrainConfig):
     temperature: float = 1.0
     baseline: bool = True
     teacher_head: str = "finetune"
-    linear_head_l2: float = 1e-3
+    # Chosen on mpnet / vader:movie (1600 train, 400 held-out train): 0.877 there, 0.81 at 1e-3.
+    linear_head_l2: float = 0.3
     teacher_cache: str | None = "auto"
     teacher_cache_mb: float = 1024.0
 
