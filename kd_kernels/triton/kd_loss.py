@@ -8,6 +8,14 @@ Passes over a row: (A) softmax statistics of student and teachers, the bad-value
 t = 1 statistics for the hard CE; (B) reverse KL / JSD only: the row sum their gradient
 needs; (C) the loss (KL / soft CE) and the gradient write. The semantics are those of
 ``kd_kernels.reference.kd_loss``; see csrc/kd_loss.h for the per-row formulas.
+
+Few long rows (fewer than two programs per SM: N = 8 at C = 262144) are split over up to
+MAX_SPLITS programs per row, each at least MIN_SPLIT_COLUMNS wide: phase 1 writes each split's
+partial pass-A state (max, sum-exp and gap sum per distribution) to a small fp32 workspace,
+phases 2 and 3 merge the row's states exactly as the online softmax merges chunks, then run
+passes B and C over their own columns; the splits' losses are summed on the device. No host
+sync, three launches at most. Rows whose start is not 16-byte aligned (odd C) are read from
+their first 16-byte boundary on, so that the bulk of the loads is 128-bit.
 """
 
 from __future__ import annotations
