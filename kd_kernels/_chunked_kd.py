@@ -267,7 +267,10 @@ class ChunkedKD:
                 teacher_lse, gap = chunk_teacher_lse, chunk_gap
             else:
                 teacher_lse = torch.logaddexp(teacher_lse, chunk_teacher_lse)
-                gap = gap * torch.exp(student_lse - shift) + chunk_gap
+                # gap was kept relative to the old shift, which is 0 while the student has
+                # had only -inf: exp(student_lse - shift) would drop the teacher's mass there.
+                old_shift = torch.where(student_lse == -math.inf, 0, student_lse)
+                gap = gap * torch.exp(old_shift - shift) + chunk_gap
             student_lse = new_lse
             if hard:
                 student_lse_t1 = torch.logaddexp(student_lse_t1, torch.logsumexp(student, dim=-1))

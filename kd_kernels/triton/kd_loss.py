@@ -197,7 +197,11 @@ def _stats_tile(
     rescale = tl.exp(s_max - shift)
     e_s = tl.exp(z - shift[:, None])
     s_sum = s_sum * rescale + tl.sum(e_s, axis=1)
-    gap_sum = gap_sum * rescale[:, None]
+    # gap_sum was accumulated relative to the old shift, which is 0 while the student has
+    # only -inf so far: tiles where the teacher has mass and the student none add e^b to it,
+    # and rescaling by e^(-inf) would drop that mass when a later tile sets the maximum.
+    old_shift = tl.where(s_max == neg_inf, 0.0, s_max)
+    gap_sum = gap_sum * tl.exp(old_shift - shift)[:, None]
     s_max = new_max
     if HARD:
         h_max, h_sum = _online_softmax_update(h_max, h_sum, x)
