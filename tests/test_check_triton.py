@@ -21,6 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 def ct():
     """scripts/check_triton.py as a module (it refuses to import under TRITON_INTERPRET=1,
     which only guards its compiles; the models compile nothing)."""
+    # The kernel modules are imported first, under this process's interpreter: importing them
+    # with TRITON_INTERPRET=0 below would leave natively jitted kernels in sys.modules, and
+    # every later interpreter test of them would fail with "0 active drivers".
+    import kd_kernels.triton.info_nce
+    import kd_kernels.triton.kd_loss
+    import kd_kernels.triton.layer_mse  # noqa: F401
+
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:

@@ -397,7 +397,13 @@ def test_data_command(cache_dir, monkeypatch, capsys):
     assert data_command(["list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"cache: {cache_dir}"
-    assert [line.split()[:2] for line in out[1:]] == [[name, "fetched"] for name in NAMES]
+    datasets, models = out[1 : 1 + len(NAMES)], out[1 + len(NAMES) :]
+    assert [line.split()[:2] for line in datasets] == [[name, "fetched"] for name in NAMES]
+    # The built-in models follow, each with its own fetched state in this cache.
+    from kd_trainers.model_fetch import BUILTIN_MODELS, is_model_fetched
+
+    state = "fetched" if is_model_fetched(BUILTIN_MODELS["mpnet"], cache_dir) else "-"
+    assert [line.split()[:3] for line in models] == [["mpnet", "(model)", state]]
     assert data_command(["fetch", "lee", "simlex999"]) == 0
     out = capsys.readouterr().out
     assert "lee: already in the cache" in out and "simlex999: already in the cache" in out
