@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from kd_trainers import trainer
 from kd_trainers.config import TrainConfig
 from kd_trainers.trainer import (
     STOP_AFTER_ENV,
@@ -49,6 +50,38 @@ def test_every_epoch_has_its_own_order(tmp_path):
     assert seen == plan(0) + plan(1) + plan(2)
     assert plan(0) != plan(1) != plan(2)
     assert sorted(i for batch in plan(1) for i in batch) == list(range(10))
+
+
+def test_length_grouped_batches_cover_once_and_pad_less():
+    """group_by_length: every index once per epoch, one short batch at most, batches sorted
+    within their group of LENGTH_GROUP_BATCHES, much less padding than random batches, and
+    still a seeded order of its own per epoch."""
+    size, batch = 1000, 8
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.randint(5, 300, (size,), generator=generator).tolist()
+    epochs = [shuffled_batches(size, batch, 11, epoch, lengths) for epoch in range(3)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(size))
+        assert sum(len(b) < batch for b in batches) <= 1
+        assert all(len(b) <= batch for b in batches)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert epochs[0] == shuffled_batches(size, batch, 11, 0, lengths)
+
+    def padded(batches):  # tokens a batch pads to, summed over the epoch
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = shuffled_batches(size, batch, 11, 0)
+    # No padding at all would be sum(lengths) = 0.57 x plain; grouped is within 7% of it.
+    assert sum(lengths) <= padded(epochs[0]) < 1.07 * sum(lengths) < 0.65 * padded(plain)
+    # Which examples share a group is the epoch's permutation: the first group holds the
+    # first LENGTH_GROUP_BATCHES * batch entries of the plain order.
+    group = {i for b in plain[: trainer.LENGTH_GROUP_BATCHES] for i in b}
+    grouped = [b for b in epochs[0] if set(b) <= group]
+    assert sum(len(b) for b in grouped) == len(group)
+    for b in grouped:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    with pytest.raises(ValueError, match="lengths has 999 entries"):
+        shuffled_batches(size, batch, 11, 0, lengths[:-1])
 
 
 def test_accumulation_and_max_steps(tmp_path):

@@ -38,6 +38,7 @@ class TrainConfig:
     loss_backend: str = "auto"
     batch_size: int = 32
     eval_batch_size: int = 128
+    group_by_length: bool = False
     grad_accum: int = 1
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -120,6 +121,8 @@ HELP: dict[str, str] = {
     "grad_accum": "micro-batches per optimizer step",
     "max_steps": "stop every stage after this many optimizer steps (0: run its epochs)",
     "max_length": "tokens per sequence (pairs share it)",
+    "group_by_length": "batches of texts of similar length (less padding; the order of "
+    "batches and the groups stay seeded and random)",
     "bf16": "bf16 autocast on CUDA (ignored on CPU)",
     "log_every": "optimizer steps between metric lines",
     "save_every": "optimizer steps between checkpoints (0: at stage end and on Ctrl-C only)",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from kd_trainers import metrics
-from kd_trainers.models import Head, SequenceModel, encode
+from kd_trainers.models import Head, SequenceModel, by_length, encode, in_order
 
 
 @torch.no_grad()
@@ -25,13 +25,13 @@ def predict(
     """Head outputs for every example: (N, num_outputs) fp32 logits, or (N,) scores."""
     was_training = model.training
     model.eval()
-    outputs = []
-    for start in range(0, len(examples), batch_size):
-        inputs = encode(tokenizer, examples[start : start + batch_size], max_length, device)
+    outputs, batches = [], by_length(examples, batch_size)
+    for batch in batches:
+        inputs = encode(tokenizer, [examples[i] for i in batch], max_length, device)
         logits, _ = model(inputs, task=head.name)
         outputs.append(logits.float().cpu())
     model.train(was_training)
-    logits = torch.cat(outputs) if outputs else torch.empty(0, head.num_outputs)
+    logits = in_order(outputs, batches) if outputs else torch.empty(0, head.num_outputs)
     return logits.squeeze(-1) if head.kind == "regression" else logits
 
 

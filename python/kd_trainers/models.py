@@ -285,6 +285,23 @@ def build_model(
     return model
 
 
+def by_length(examples: Sequence, batch_size: int) -> list[list[int]]:
+    """Indices of ``examples`` sorted by text length (characters), cut into batches: for
+    inference, where each batch then pads to about its own length and the caller puts the
+    outputs back in example order (:func:`in_order`)."""
+    size = [len(e.text) + len(e.text_pair or "") for e in examples]
+    order = sorted(range(len(size)), key=size.__getitem__)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def in_order(chunks: Sequence[torch.Tensor], batches: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The rows of ``chunks`` (one per batch of :func:`by_length`) in example order."""
+    stacked = torch.cat(list(chunks))
+    result = torch.empty_like(stacked)
+    result[torch.tensor([i for batch in batches for i in batch], dtype=torch.long)] = stacked
+    return result
+
+
 def encode(tokenizer, examples: Sequence, max_length: int, device: torch.device) -> dict:
     """Token ids of (text, text_pair) examples, padded to the batch's longest: (B, L) int64."""
     texts = [e.text for e in examples]

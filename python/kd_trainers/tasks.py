@@ -109,6 +109,16 @@ def labels_of(examples: Sequence, device: torch.device) -> torch.Tensor:
     return torch.tensor([e.label for e in examples], device=device)
 
 
+def batch_plan(examples: Sequence, config: TrainConfig, seed: int):
+    """``plan(epoch)``: seeded batches of indices into ``examples``; with ``group_by_length``
+    (:func:`~kd_trainers.trainer.shuffled_batches`) grouped by text length in characters, a
+    tokenizer-free stand-in for the token count."""
+    lengths = None
+    if config.group_by_length:
+        lengths = [len(e.text) + len(e.text_pair or "") for e in examples]
+    return lambda epoch: shuffled_batches(len(examples), config.batch_size, seed, epoch, lengths)
+
+
 def fine_tune(
     runtime: Runtime, name: str, model: SequenceModel, task: Task, tokenizer, epochs, lr
 ) -> StageResult:
@@ -121,8 +131,7 @@ def fine_tune(
         logits, _ = wrapped(inputs, task=task.head.name)
         return supervised_loss(logits, examples, task.head), {}
 
-    size, batch_size, seed = len(task.train), config.batch_size, config.seed
-    plan = lambda epoch: shuffled_batches(size, batch_size, seed, epoch)  # noqa: E731
+    plan = batch_plan(task.train.examples, config, config.seed)
     return run_stage(runtime, Stage(name, epochs, lr), model, loss_fn, plan)
 
 

@@ -205,10 +205,32 @@ def stage_seed(seed: int, stage: str, rank: int) -> int:
     return seed * 1_000_003 + zlib.crc32(stage.encode()) + 7919 * rank
 
 
-def shuffled_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A seeded permutation of ``range(size)`` cut into batches (the last may be short)."""
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, size, batch_size)]
+# Batches per length group: enough that a batch pads to near its own length, few enough that
+# a group is a random slice of the data (the same idea as the HF Trainer's group_by_length).
+LENGTH_GROUP_BATCHES = 32
+
+
+def shuffled_batches(
+    size: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """A seeded permutation of ``range(size)`` cut into batches (the last may be short).
+
+    With ``lengths`` (one per example): the permutation is cut into groups of
+    ``LENGTH_GROUP_BATCHES`` batches, each group is sorted by length (longest first) and cut
+    into batches, and the batches are shuffled. A batch then pads to about its own texts'
+    length; which examples meet in a group, and the batch order, stay seeded per epoch.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(size, generator=generator).tolist()
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, size, batch_size)]
+    if len(lengths) != size:
+        raise ValueError(f"lengths has {len(lengths)} entries for {size} examples")
+    group, batches = batch_size * LENGTH_GROUP_BATCHES, []
+    for start in range(0, size, group):
+        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
