@@ -313,8 +313,8 @@ def test_mpnet_teacher_linear_head_cached_tinybert(tmp_path, cache_dir, monkeypa
 
 
 def test_mtdnn_linear_teachers_cached_targets(tmp_path, cache_dir, capsys):
-    """Linear-head teachers: no teacher stage trains; a second run reads every teacher's soft
-    targets (one file per teacher and task) from the cache and gets the same results."""
+    """Linear-head teachers: no teacher stage trains; a second run reads every teacher's pooled
+    vectors (one file per teacher, task and split) from the cache and gets the same results."""
     args = [
         *TINY_MTDNN,
         "--teacher-head=linear",
@@ -325,12 +325,94 @@ def test_mtdnn_linear_teachers_cached_targets(tmp_path, cache_dir, capsys):
     assert run("mtdnn-kd", tmp_path / "first", *args) == 0
     assert not (tmp_path / "first" / "stages" / "teacher_0").exists()
     files = sorted((tmp_path / "teacher_cache").glob("*.pt"))
-    assert len(files) == 6  # tiny teachers have seeded random encoders: 2 teachers x 3 tasks
+    # tiny teachers have seeded random encoders: 2 teachers x 3 tasks x (train, eval)
+    assert len(files) == 12
     capsys.readouterr()
     assert run("mtdnn-kd", tmp_path / "second", *args) == 0
     assert sorted((tmp_path / "teacher_cache").glob("*.pt")) == files
-    assert capsys.readouterr().err.count("teacher outputs read from") == 6
+    assert capsys.readouterr().err.count("teacher outputs read from") == 12
     first, second = summary(tmp_path / "first"), summary(tmp_path / "second")
     for name in ("teacher_0", "teacher_1", "ensemble", "student_kd"):
         assert first[name] == second[name]
     assert first["teacher_0"]["rotten_tomatoes"]["accuracy"] > 0
+
+
+def test_mtdnn_mixed_ensemble_each_teacher_its_encoder_and_tokenizer(
+    tmp_path, cache_dir, monkeypatch
+):
+    """teachers=tiny BERT,MPNet directory,MPNet directory with heads finetune,linear: each
+    teacher reads the text with its own tokenizer, the two MPNet teachers share one set of
+    pooled vectors (one encoder pass per task and split), and a linear teacher's outputs are
+    its head on those vectors, i.e. what the model itself predicts."""
+    from kd_trainers import mtdnn_kd
+
+    teacher_dir = tmp_path / "mpnet_teacher"
+    mpnet = tiny_mpnet(vocab_size=30527, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    mpnet.save_pretrained(str(teacher_dir))
+    mpnet_style_tokenizer().save_pretrained(str(teacher_dir))
+    passes = []
+    original = mtdnn_kd.pooled_features
+
+    def spy(model, tokenizer, examples, **kw):
+        passes.append((type(model.encoder).__name__, len(tokenizer), len(examples)))
+        return original(model, tokenizer, examples, **kw)
+
+    monkeypatch.setattr(mtdnn_kd, "pooled_features", spy)
+    targets = {}
+    soft_targets = mtdnn_kd.soft_targets
+
+    def keep(method, teachers):
+        targets["method"], targets["teachers"] = method, teachers
+        return soft_targets(method, teachers)
+
+    monkeypatch.setattr(mtdnn_kd, "soft_targets", keep)
+    args = [
+        *TINY_MTDNN,
+        "--num-teachers=3",
+        f"--teachers=tiny:2x64,{teacher_dir}",
+        "--teacher-heads=finetune,linear",
+        "--teacher-cache=none",
+        "--teacher-epochs=1",
+        "--student-epochs=1",
+        "--baseline=false",
+    ]
+    assert run("mtdnn-kd", tmp_path / "run", *args) == 0
+    result = summary(tmp_path / "run")
+    assert result["teachers"] == [
+        {"encoder": "tiny:2x64", "head": "finetune"},
+        {"encoder": str(teacher_dir), "head": "linear"},
+        {"encoder": "tiny:2x64", "head": "finetune"},
+    ]
+    # Only the MPNet teacher is linear: 3 tasks x (train, eval), with the MPNet tokenizer.
+    assert sorted(set(passes)) == sorted({("MPNetModel", 30527, 32), ("MPNetModel", 30527, 24)})
+    assert len(passes) == 6
+    method, teachers = targets["method"], targets["teachers"]
+    task = method.tasks[0]
+    predicted = predict(
+        teachers[1],
+        method.tokenizers[str(teacher_dir)],
+        task.train.examples,
+        task.head,
+        max_length=32,
+        batch_size=16,
+        device=torch.device("cpu"),
+    )
+    cached = method.teacher_outputs(1, teachers[1], task, "train")
+    assert (cached - predicted).norm() / predicted.norm() < 1e-5
+    # teacher_0 and teacher_2 share an encoder name but not their random tiny weights.
+    assert not torch.equal(
+        teachers[0].encoder.embeddings.word_embeddings.weight,
+        teachers[2].encoder.embeddings.word_embeddings.weight,
+    )
+
+
+def test_mtdnn_bad_teacher_lists(tmp_path, cache_dir, capsys):
+    from kd_trainers.errors import ConfigError
+    from kd_trainers.mtdnn_kd import MTDNNKDConfig
+
+    assert run("mtdnn-kd", tmp_path / "run", *TINY_MTDNN, "--teacher-heads=linear,frozen") != 0
+    assert "teacher_heads must list finetune or linear per teacher" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="teachers is empty"):
+        MTDNNKDConfig(teachers=[]).validate()
+    with pytest.raises(ConfigError, match="teacher_heads must list"):
+        MTDNNKDConfig(teacher_heads=[]).validate()

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from kd_trainers.errors import ConfigError
-from kd_trainers.models import Head, SequenceModel, encode
+from kd_trainers.models import Head, SequenceModel, by_length, encode, in_order
 
 TEACHER_HEADS = ("finetune", "linear")
 
@@ -29,12 +29,12 @@ def pooled_features(
     """The encoder's pooled sentence vectors (N, D) float32 on the CPU, in eval mode."""
     was_training = model.training
     model.eval()
-    chunks = []
-    for start in range(0, len(examples), batch_size):
-        inputs = encode(tokenizer, examples[start : start + batch_size], max_length, device)
+    chunks, batches = [], by_length(examples, batch_size)
+    for batch in batches:
+        inputs = encode(tokenizer, [examples[i] for i in batch], max_length, device)
         chunks.append(model.embed(inputs).float().cpu())
     model.train(was_training)
-    return torch.cat(chunks)
+    return in_order(chunks, batches)
 
 
 def fit_logistic(
@@ -89,14 +89,20 @@ def fit_linear_head(
     max_length: int,
     batch_size: int,
     device,
+    features: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Fits ``model``'s ``head`` on the frozen encoder's pooled outputs of ``examples``
-    (labels or scores); the encoder is not touched. Returns the fit's training metric."""
+    (labels or scores); the encoder is not touched. ``features``: those outputs (N, D), when
+    the caller already has them. Returns the fit's training metric."""
     if l2 < 0:
         raise ConfigError(f"linear_head_l2 must be >= 0, got {l2}")
-    x = pooled_features(
-        model, tokenizer, examples, max_length=max_length, batch_size=batch_size, device=device
-    )
+    if features is not None and features.shape[0] != len(examples):
+        raise ValueError(f"features has {features.shape[0]} rows for {len(examples)} examples")
+    x = features
+    if x is None:
+        x = pooled_features(
+            model, tokenizer, examples, max_length=max_length, batch_size=batch_size, device=device
+        )
     if head.kind == "regression":
         y = torch.tensor([e.score for e in examples], dtype=torch.float64)
         weight, bias = fit_ridge(x, y, l2)

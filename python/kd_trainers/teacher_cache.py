@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd_trainers.config import DistillConfig
+from kd_trainers.data import default_cache_dir
 from kd_trainers.trainer import atomic_save
 
 FORMAT = 1
@@ -205,3 +207,15 @@ class LayerTargets:
                 out[row, :, :n, :n] = piece.view(heads, n, n)
             scores.append(out.to(device))
         return hidden, scores
+
+
+def open_teacher_cache(config: DistillConfig, log: Callable[[str], None]) -> TeacherCache | None:
+    """The run's cache from ``teacher_cache`` (a folder, ``auto``: ``<data cache>/
+    teacher_outputs``) and ``teacher_cache_mb``; None when ``teacher_cache`` is unset (none)."""
+    if config.teacher_cache is None:
+        return None
+    folder = Path(config.teacher_cache).expanduser()
+    if config.teacher_cache == "auto":
+        data = Path(config.data_cache).expanduser() if config.data_cache else default_cache_dir()
+        folder = data / "teacher_outputs"
+    return TeacherCache(folder, config.teacher_cache_mb, log)
